@@ -1,0 +1,44 @@
+"""LoRA on ``nn.Linear`` and on transformers' ``Conv1D`` (GPT-2's linear layer with a transposed weight)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.layers.base import LoraFactors, LoraLayer, linear_lora
+
+
+class LoraLinear(LoraLayer):
+    """``h = W x + b + s · B A x`` on a linear layer.
+
+    Args:
+        base: an ``nn.Linear`` (weight (out, in)) or a transformers ``Conv1D`` (weight (in, out), computed as
+            ``x·W + b``); the latter is the ``linear_t`` kind.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.transposed = not isinstance(base, nn.Linear)
+        self.kind = "linear_t" if self.transposed else "linear"
+        self.weight_out_dim = 1 if self.transposed else 0
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[self.weight_out_dim ^ 1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[self.weight_out_dim])
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        if self.transposed:  # transformers' Conv1D.forward, op for op, so outputs stay bit-identical
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+    def base_forward_nobias(self, x: Tensor) -> Tensor:
+        return x @ self.weight if self.transposed else F.linear(x, self.weight)
+
+    def lora_forward(self, f: LoraFactors, x: Tensor) -> Tensor:
+        return linear_lora(x, f.A, f.B)
