@@ -5,7 +5,8 @@ A pattern is one of
 * an exact module path: ``bert.encoder.layer.0.attention.self.query``;
 * a dotted suffix, matched on whole segments: ``query`` or ``attention.self.query`` (``query`` does not match
   ``myquery``);
-* a glob (``*``, ``?``, ``[...]``) over the whole path or a dotted suffix of it: ``layer.*.attention.self.query``;
+* a glob over the whole path or a dotted suffix of it: ``layer.*.attention.self.query``; ``*`` and ``?`` stay
+  inside one dotted segment, ``**`` spans segments, ``[...]`` is a character class;
 * a regular expression over the whole path, written ``re:<regex>``: ``re:.*\\.(query|value)$``;
 * a preset: ``all-linear`` (every linear layer except the output head), ``all-conv`` (every Conv1d/Conv2d).
 
@@ -15,7 +16,6 @@ linear layer registered in the model (the classifier of a plain classification m
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -33,9 +33,32 @@ def matches(pattern: str, path: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], path) is not None
     if _GLOB_CHARS & set(pattern):
-        segs = path.split(".")
-        return any(fnmatch.fnmatchcase(".".join(segs[i:]), pattern) for i in range(len(segs)))
+        return re.fullmatch(r"(?:.*\.)?" + _glob_to_regex(pattern), path) is not None
     return path == pattern or path.endswith("." + pattern)
+
+
+def _glob_to_regex(pattern: str) -> str:
+    """Glob over dotted paths: ``*`` and ``?`` stay inside one segment, ``**`` spans segments, ``[..]`` a class."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            out.append(pattern[i:j + 1])
+            i = j + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 def check_pattern(pattern: str) -> None:
