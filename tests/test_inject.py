@@ -201,3 +201,27 @@ def test_diffusers_unet_from_tiny_config():
         y = unet(x, t, ctx).sample
         lk.merge(unet)
         assert torch.allclose(unet(x, t, ctx).sample, y, atol=1e-4)
+
+
+def test_mixed_batch_equals_per_sample_runs(tiny, tiny_inputs):
+    lk.inject(tiny, ["all-linear", "all-conv", "embed"], rank=2, name="a", seed=0)
+    lk.inject(tiny, ["all-linear", "conv2"], rank=5, alpha=3, name="b", seed=1, dora=True)
+    randomize_b(tiny, "a", seed=1)
+    randomize_b(tiny, "b", seed=2)
+    lk.set_strength(tiny, "a", 0.7)
+    ids, img = tiny_inputs
+    for order in (["a", "a", "b", None], ["b", None, "a", "b"]):
+        with lk.mixed_batch(tiny, order):
+            mixed = outputs(tiny, (ids, img))
+        for i, name in enumerate(order):
+            with lk.disabled(tiny, [n for n in ("a", "b") if n != name]):
+                alone = outputs(tiny, (ids[i:i + 1], img[i:i + 1]))
+            assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5), (order, i)
+    assert all(layer.routing is None for _, layer in lk.lora_layers(tiny))
+    with pytest.raises(AdapterStateError, match="\\['zz'\\]"):
+        with lk.mixed_batch(tiny, ["zz", None, None, None]):
+            pass
+    lk.merge(tiny, ["a"])
+    with pytest.raises(AdapterStateError, match="merged"):
+        with lk.mixed_batch(tiny, ["a", None, None, None]):
+            pass

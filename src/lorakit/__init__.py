@@ -9,7 +9,7 @@ from lorakit.errors import (AdapterStateError, AdapterValidationError, AttachErr
                             FormatVersionError, LorakitError, TargetError)
 from lorakit.formats import load, save
 from lorakit.inject import (InjectReport, adapter_names, attach, detach, disabled, extract, inject, lora_layers,
-                            merge, merge_into_base, set_enabled, set_strength, trainable_parameters, unmerge)
+                            merge, merge_into_base, mixed_batch, set_enabled, set_strength, trainable_parameters, unmerge)
 from lorakit.layers import LoraLayer
 from lorakit.targets import find_targets
 
@@ -19,6 +19,6 @@ __all__ = [
     "KINDS", "Adapter", "AdapterStateError", "AdapterValidationError", "AttachError", "FileFormatError",
     "FormatVersionError", "InjectReport", "LoraLayer", "LorakitError", "ModuleLora", "TargetError",
     "adapter_names", "adapters_equal", "attach", "detach", "disabled", "extract", "find_targets", "inject", "load",
-    "lora_layers", "lora_scale", "merge", "merge_into_base", "save", "set_enabled", "set_strength",
+    "lora_layers", "lora_scale", "merge", "merge_into_base", "mixed_batch", "save", "set_enabled", "set_strength",
     "trainable_parameters", "unmerge",
 ]

@@ -211,9 +211,10 @@ def attach(model: nn.Module, adapter: Adapter, name: str = "default", *, trainab
                             f"with weight {shape}")
         elif isinstance(module, LoraLayer) and name in module.lora:
             problems.append(f"{path!r}: already has an adapter named {name!r}")
-    state = model.state_dict()
+    # Look overrides up one by one: a full state_dict() would grow with every adapter already attached.
+    state = {key: _state_entry(model, key) for key in adapter.overrides}
     for key, t in adapter.overrides.items():
-        if key not in state:
+        if state[key] is None:
             problems.append(f"override {key!r}: no such entry in the model's state_dict")
         elif state[key].shape != t.shape:
             problems.append(f"override {key!r}: adapter has shape {tuple(t.shape)}, model has "
@@ -230,6 +231,16 @@ def attach(model: nn.Module, adapter: Adapter, name: str = "default", *, trainab
         for key, t in adapter.overrides.items():
             state[key].copy_(t)
     return list(adapter.modules)
+
+
+def _state_entry(model: nn.Module, key: str) -> torch.Tensor | None:
+    """The parameter or buffer that state-dict key ``key`` names, or ``None``."""
+    module_path, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return None
+    return module._parameters.get(attr, module._buffers.get(attr))
 
 
 def detach(model: nn.Module, name: str | None = None) -> list[str]:
@@ -347,6 +358,40 @@ def disabled(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[n
             for n in chosen:
                 if (p, n) in before:
                     layer.lora[n].enabled = before[(p, n)]
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, sample_adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Run one batch whose samples use different adapters: ``sample_adapters[i]`` names sample i's adapter.
+
+    ``None`` runs a sample on the base model alone. Every LoRA layer computes its base output once for the whole
+    batch and each adapter's low-rank term only for its own samples; group samples by adapter (contiguous runs)
+    to avoid gather/scatter copies. Adapters may have different ranks; each keeps its own strength.
+
+    Raises:
+        AdapterStateError: an unknown adapter name, or an adapter merged into the base weights (it would apply to
+            every sample).
+    """
+    names = adapter_names(model)
+    unknown = sorted({n for n in sample_adapters if n is not None and n not in names})
+    if unknown:
+        raise AdapterStateError(f"unknown adapter(s) {unknown} in the mixed batch (model has {names})")
+    merged = sorted({n for _, layer in lora_layers(model) for n, f in layer.lora.items() if f.merged})
+    if merged:
+        raise AdapterStateError(f"adapter(s) {merged} are merged; unmerge before running a mixed batch")
+    routing: dict[str, slice | torch.Tensor] = {}
+    for n in dict.fromkeys(x for x in sample_adapters if x is not None):
+        rows = [i for i, x in enumerate(sample_adapters) if x == n]
+        contiguous = rows == list(range(rows[0], rows[-1] + 1))
+        routing[n] = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows)
+    layers = [layer for _, layer in lora_layers(model)]
+    try:
+        for layer in layers:
+            layer.routing = {n: (r if isinstance(r, slice) else r.to(layer.weight.device)) for n, r in routing.items()}
+        yield model
+    finally:
+        for layer in layers:
+            layer.routing = None
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -62,6 +62,11 @@ class LoraFactors(nn.Module):
         return int(self.A.shape[0])
 
     @property
+    def dropout_p(self) -> float:
+        """The dropout probability in effect now (0 in eval mode)."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+
+    @property
     def scale(self) -> float:
         return self.strength * lora_scale(self.alpha, self.rank, self.rslora)
 
@@ -81,12 +86,18 @@ class LoraLayer(nn.Module):
     kind: str
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: Let layers that have one use their fused autograd function (see :mod:`lorakit.layers.fast`).
+    use_fast_path: bool = True
+    #: Whether this layer kind implements :meth:`fast_forward`.
+    has_fast_path: bool = False
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
         self.lora = nn.ModuleDict()
+        self.routing: dict[str, slice | Tensor] | None = None
+        """Per-sample adapters for a mixed batch: adapter name → its samples (see :func:`lorakit.mixed_batch`)."""
         object.__setattr__(self, "_base", base)
 
     # -- what subclasses provide ------------------------------------------------------------------------------
@@ -97,6 +108,10 @@ class LoraLayer(nn.Module):
 
     def lora_forward(self, f: LoraFactors, x: Tensor) -> Tensor:
         """``B(A(x))`` without the scale."""
+        raise NotImplementedError
+
+    def fast_forward(self, x: Tensor, f: LoraFactors) -> Tensor:
+        """``base(x) + s·B(A(dropout(x)))`` through a fused autograd function (layers with ``has_fast_path``)."""
         raise NotImplementedError
 
     @property
@@ -119,12 +134,44 @@ class LoraLayer(nn.Module):
     # -- the forward ------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.routing is not None:
+            return self.mixed_forward(x, self.routing)
+        fast = self._fast_path_factors(x)
+        if fast is not None:
+            return self.fast_forward(x, fast)
         out = self.base_forward(x)
         for f in self.active_factors():
             if f.magnitude is None:
                 out = out + f.scale * self.lora_forward(f, f.dropout(x))
             else:
                 out = out + self._dora_update(f, x, out)
+        return out
+
+    def mixed_forward(self, x: Tensor, routing: dict[str, slice | Tensor]) -> Tensor:
+        """One forward over a batch whose samples use different adapters (or none).
+
+        The base GEMM runs once over the whole batch; each adapter then adds its low-rank term to its own samples
+        only (a view when they are contiguous, a gather/scatter otherwise), as in multi-LoRA serving (Punica,
+        S-LoRA).
+
+        Args:
+            x: (N, ...) with the samples on dim 0.
+            routing: adapter name → its samples, a slice or a LongTensor of indices into dim 0.
+        """
+        out = self.base_forward(x)
+        for name, rows in routing.items():
+            f = self.lora[name] if name in self.lora else None
+            if f is None or not f.enabled:
+                continue
+            xs = x[rows]
+            if f.magnitude is None:
+                update = f.scale * self.lora_forward(f, f.dropout(xs))
+            else:
+                update = self._dora_update(f, xs, out[rows])
+            if isinstance(rows, slice):
+                out[rows] += update
+            else:
+                out = out.index_add(0, rows, update)
         return out
 
     def _dora_update(self, f: LoraFactors, x: Tensor, base_out: Tensor) -> Tensor:
@@ -144,6 +191,22 @@ class LoraLayer(nn.Module):
 
     def base_forward_nobias(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _fast_path_factors(self, x: Tensor) -> LoraFactors | None:
+        """The one adapter a fused autograd function (:mod:`lorakit.layers.fast`) can run, or ``None``.
+
+        The fused functions need: a single active plain-LoRA adapter (no DoRA), a frozen base weight and bias,
+        the base dtype for x, no mixed batch, and no autocast (whose casts the plain path leaves to PyTorch).
+        """
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not (self.use_fast_path and self.has_fast_path and frozen and self.routing is None):
+            return None
+        active = self.active_factors()
+        if len(active) != 1 or active[0].magnitude is not None or x.dtype != self.weight.dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        return active[0]
 
     def _weight_norm(self, w: Tensor) -> Tensor:
         """Per-output-unit L2 norm of a weight in this layer's layout, shape (out,)."""
@@ -269,10 +332,10 @@ class LoraLayer(nn.Module):
             f = self.factors(name)
             if f.merged or (names is None and not f.enabled):
                 continue
-            low = self.factor_delta(f).to(self.weight.dtype)
             if f.magnitude is None:
-                self.weight.add_(low)
+                self._add_lowrank_(f, 1.0)
             else:
+                low = self.factor_delta(f).to(self.weight.dtype)
                 merged = dora_weight(self.weight, low, f.magnitude, self.kind)
                 f._dora_merge_scale = f.magnitude / self._weight_norm(self.weight + low)
                 self.weight.copy_(merged)
@@ -288,17 +351,23 @@ class LoraLayer(nn.Module):
             f = self.factors(name)
             if not f.merged:
                 continue
-            low = self.factor_delta(f).to(self.weight.dtype)
             if f.magnitude is None:
-                self.weight.sub_(low)
+                self._add_lowrank_(f, -1.0)
             else:
                 shape = [1] * self.weight.ndim
                 shape[self.weight_out_dim] = -1
+                low = self.factor_delta(f).to(self.weight.dtype)
                 self.weight.div_(f._dora_merge_scale.view(shape)).sub_(low)
                 f._dora_merge_scale = None
             f.merged = False
             done.append(name)
         return done
+
+    def _add_lowrank_(self, f: LoraFactors, sign: float) -> None:
+        """``W += sign·s·B·A`` as one in-place addmm on the (out, in·k) view of W, with no ΔW temporary."""
+        w2 = self.weight.T if self.weight_out_dim == 1 else self.weight.view(self.weight.shape[0], -1)
+        dtype = self.weight.dtype
+        w2.addmm_(f.B.to(dtype), f.A.flatten(1).to(dtype), alpha=sign * f.scale)
 
     def _names(self, names: Iterable[str] | None) -> list[str]:
         return self.adapter_names if names is None else list(names)

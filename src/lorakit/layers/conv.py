@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
 from lorakit.layers.base import LoraFactors, LoraLayer
+from lorakit.layers.fast import LoraConvFn
 
 
 class LoraConv(LoraLayer):
@@ -18,6 +19,8 @@ class LoraConv(LoraLayer):
     Args:
         base: an ``nn.Conv1d`` or ``nn.Conv2d`` with ``groups == 1``.
     """
+
+    has_fast_path = True
 
     def __init__(self, base: nn.Conv1d | nn.Conv2d):
         if base.groups != 1:
@@ -42,6 +45,15 @@ class LoraConv(LoraLayer):
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return self._kernel
+
+    def fast_forward(self, x: Tensor, f: LoraFactors) -> Tensor:
+        return LoraConvFn.apply(x, self.weight, self.bias, f.A, f.B, f.scale, f.dropout_p, self.stride, self.padding,
+                                self.dilation)
+
+    def _fast_path_factors(self, x: Tensor) -> LoraFactors | None:
+        # The fused function handles explicit zero padding only; padding modes and "same"/"valid" take the plain path.
+        explicit = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        return super()._fast_path_factors(x) if explicit else None
 
     def _conv_like_base(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # The same steps as nn.ConvNd._conv_forward, so the base output is bit-identical to the unwrapped layer.

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.layers.base import LoraFactors, LoraLayer, linear_lora
+from lorakit.layers.fast import LoraLinearFn
 
 
 class LoraLinear(LoraLayer):
@@ -16,6 +17,8 @@ class LoraLinear(LoraLayer):
         base: an ``nn.Linear`` (weight (out, in)) or a transformers ``Conv1D`` (weight (in, out), computed as
             ``x·W + b``); the latter is the ``linear_t`` kind.
     """
+
+    has_fast_path = True
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
@@ -30,6 +33,9 @@ class LoraLinear(LoraLayer):
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[self.weight_out_dim])
+
+    def fast_forward(self, x: Tensor, f: LoraFactors) -> Tensor:
+        return LoraLinearFn.apply(x, self.weight, self.bias, f.A, f.B, f.scale, f.dropout_p, self.transposed)
 
     def base_forward(self, x: Tensor) -> Tensor:
         if self.transposed:  # transformers' Conv1D.forward, op for op, so outputs stay bit-identical
