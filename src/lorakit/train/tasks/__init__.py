@@ -1,0 +1,53 @@
+"""Tasks: each builds a model, its data and its loss/metric; all share the one loop in :mod:`lorakit.train.loop`.
+
+A task module exposes ``build(cfg) -> Task``; :data:`TASKS` maps the config's ``task`` name to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass
+class Task:
+    """Everything the loop needs from a task.
+
+    Attributes:
+        model: the pretrained model (no adapter yet).
+        train_set: training examples (any items ``collate`` understands).
+        eval_set: evaluation examples.
+        collate: list of examples → batch, a dict of tensors whose first dimension is the batch.
+        loss: ``loss(model, batch)`` → scalar mean loss over the batch.
+        evaluate: ``evaluate(model, eval_set)`` → metrics (the model is in eval mode, gradients off).
+        metric: the name of the metric that selects the best adapter.
+        higher_is_better: direction of ``metric``.
+        base_model: identity of the base model, recorded in the adapter.
+        predict: optional ``predict(model, texts)`` → one label (or text) per input, for ``lorakit predict``.
+        lengths: optional size of each training example; when given, batches group examples of similar length
+            (less padding, same examples per epoch).
+    """
+
+    model: nn.Module
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any]
+    collate: Callable[[list[Any]], dict[str, Tensor]]
+    loss: Callable[[nn.Module, dict[str, Tensor]], Tensor]
+    evaluate: Callable[[nn.Module, Sequence[Any]], dict[str, float]]
+    metric: str
+    higher_is_better: bool
+    base_model: str
+    predict: Callable[[nn.Module, list[str]], list[Any]] | None = None
+    lengths: Sequence[int] | None = None
+
+
+def build_task(cfg) -> Task:
+    """The :class:`Task` named by ``cfg.task``."""
+    from lorakit.train.tasks import causal_lm, image_classification, text_classification
+
+    builders = {"text-classification": text_classification.build, "image-classification": image_classification.build,
+                "causal-lm": causal_lm.build}
+    return builders[cfg.task](cfg)

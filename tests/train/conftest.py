@@ -1,0 +1,47 @@
+"""Helpers for the training tests: tiny configs on tiny models, fast and seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.train.config import TrainConfig
+
+WORDS = ("the film is a quiet triumph of small gestures and the cast is wonderful but the plot drags in the middle "
+         "and the ending feels rushed yet it stays with you long after the lights come up").split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the shared machine is busy; restore the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small deterministic text file for the causal-LM task."""
+    lines = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(6 + i % 5)) for i in range(120)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_lm(corpus: Path):
+    """A factory of tiny GPT-2 causal-LM configs: 32-token blocks, LoRA on every linear, dropout on (exercises
+    the RNG), 6 steps of 4 blocks."""
+    return lambda out_dir, **optim: tiny_lm_config(corpus, out_dir, **optim)
+
+
+def tiny_lm_config(corpus: Path, out_dir: Path, **optim) -> TrainConfig:
+    raw = {"task": "causal-lm", "model": {"name": "tiny-gpt2"},
+           "data": {"dataset": "text-file", "path": str(corpus), "max_length": 32, "eval_rows": 4},
+           "lora": {"targets": ["all-linear"], "rank": 4, "alpha": 8, "dropout": 0.1},
+           "optim": {"lr": 5e-3, "batch_size": 4, "warmup_steps": 2, "max_steps": 6, **optim},
+           "run": {"out_dir": str(out_dir), "seed": 3, "log_every": 1, "eval_before": False}}
+    return TrainConfig.from_dict(raw)
