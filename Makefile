@@ -19,8 +19,12 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The main job: MiniLM-L6 + LoRA fine-tuned on SST-2 (configs/sst2-minilm.yaml), dev accuracy before/after,
+# then the saved adapter classifies two sentences. Each `make demo` starts the run folder afresh.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/minilm_roundtrip.py
+	rm -rf runs/sst2-minilm
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit train configs/sst2-minilm.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit predict "a gorgeous , witty , seductive movie ." "the plot is nothing but boilerplate clichés ." --run runs/sst2-minilm
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -109,7 +109,6 @@ def bench_train(base, reps) -> dict:
               "peft": lambda: train_step(peft_all, emb, mask)}, reps)
     out = {"train_all_linear_vs_peft": ratio(t, "lorakit", "peft"),
            "train_all_linear_vs_floor": ratio(t, "lorakit", "floor")}
-    del ours_all, peft_all
     ours_qv = lorakit_model(base, ["query", "value"], dropout=0.1)
     peft_qv = peft_model(base, ["query", "value"], dropout=0.1)
     ours_qv.train(), peft_qv.train()

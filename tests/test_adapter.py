@@ -73,7 +73,8 @@ def test_validate_collects_every_problem():
         bad.validate("f.safetensors")
     msg = str(e.value)
     assert "6 problem(s) in f.safetensors" in msg
-    for needle in ["rank_mismatch: rank mismatch", "nan.A: contains NaN", "ints.A: expected a floating dtype", "ints.B: expected a floating dtype",
+    for needle in ["rank_mismatch: rank mismatch", "nan.A: contains NaN", "ints.A: expected a floating dtype",
+                   "ints.B: expected a floating dtype",
                    "conv_2d_A.A: expected 4 dims", "kind: unknown layer kind 'lstm'"]:
         assert needle in msg
 

@@ -36,7 +36,7 @@ def test_exclude(tiny):
 def test_errors_name_the_pattern(tiny):
     with pytest.raises(TargetError, match="'nope' matches no module"):
         find_targets(tiny, ["head", "nope"])
-    with pytest.raises(TargetError, match="'blocks.0' matches only modules lorakit cannot adapt: blocks.0 \\(Sequential"):
+    with pytest.raises(TargetError, match="'blocks.0' matches only modules lorakit cannot adapt: blocks.0 \\(Seq"):
         find_targets(tiny, ["blocks.0"])
     with pytest.raises(TargetError, match="invalid regular expression"):
         find_targets(tiny, ["re:("])

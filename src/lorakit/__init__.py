@@ -7,9 +7,10 @@ attach, merge or detach them again. See README.md for the tour.
 from lorakit.adapter import KINDS, Adapter, ModuleLora, adapters_equal, lora_scale
 from lorakit.errors import (AdapterStateError, AdapterValidationError, AttachError, FileFormatError,
                             FormatVersionError, LorakitError, TargetError)
-from lorakit.formats import load, save
+from lorakit.formats import load, read_any, save
 from lorakit.inject import (InjectReport, adapter_names, attach, detach, disabled, extract, inject, lora_layers,
-                            merge, merge_into_base, mixed_batch, set_enabled, set_strength, trainable_parameters, unmerge)
+                            merge, merge_into_base, mixed_batch, set_enabled, set_strength, trainable_parameters,
+                            unmerge)
 from lorakit.layers import LoraLayer
 from lorakit.targets import find_targets
 
@@ -19,6 +20,6 @@ __all__ = [
     "KINDS", "Adapter", "AdapterStateError", "AdapterValidationError", "AttachError", "FileFormatError",
     "FormatVersionError", "InjectReport", "LoraLayer", "LorakitError", "ModuleLora", "TargetError",
     "adapter_names", "adapters_equal", "attach", "detach", "disabled", "extract", "find_targets", "inject", "load",
-    "lora_layers", "lora_scale", "merge", "merge_into_base", "mixed_batch", "save", "set_enabled", "set_strength",
-    "trainable_parameters", "unmerge",
+    "lora_layers", "lora_scale", "merge", "merge_into_base", "mixed_batch", "read_any", "save", "set_enabled",
+    "set_strength", "trainable_parameters", "unmerge",
 ]
