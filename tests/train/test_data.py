@@ -8,7 +8,7 @@ import torch
 
 from lorakit.models.hub import data_root
 from lorakit.models.resnet_cifar import MEAN, STD, resnet20_cifar10
-from lorakit.train.data import read_cifar10_jpg, read_rt_polarity, read_sst2, subset
+from lorakit.train.data import DataError, read_cifar10_jpg, read_fashion_mnist, read_rt_polarity, read_sst2, subset
 
 ROOT = data_root()
 needs = lambda sub: pytest.mark.skipif(not (ROOT / sub).is_dir(),
@@ -45,3 +45,23 @@ def test_cifar_jpegs_and_pretrained_resnet20() -> None:
     with torch.no_grad():
         acc = (model(pixels).argmax(-1) == torch.from_numpy(y[keep])).float().mean().item()
     assert 0.72 < acc < 0.9  # ~81% on the JPEG re-encodings (91.8% on the original pixels)
+
+
+@needs("fashion-mnist")
+def test_fashion_mnist_counts() -> None:
+    x, y = read_fashion_mnist("test")
+    assert x.shape == (10_000, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert np.bincount(y).tolist() == [1000] * 10
+    x, y = read_fashion_mnist("train")
+    assert x.shape == (60_000, 28, 28) and np.bincount(y).tolist() == [6000] * 10
+
+
+def test_fashion_mnist_bad_file_is_named(tmp_path, monkeypatch) -> None:
+    import gzip
+
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big")))
+    monkeypatch.setenv("LORAKIT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+        read_fashion_mnist("test")

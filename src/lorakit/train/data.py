@@ -99,6 +99,48 @@ def read_cifar10_jpg(split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.array(labels, dtype=np.int64)
 
 
+#: Fashion-MNIST class names in label order.
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    """One gzip-compressed IDX file (big-endian magic, ``dims`` sizes, then uint8 data)."""
+    import gzip
+
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read gzip IDX data: {e}") from None
+    head = 4 + 4 * dims
+    if len(raw) < head or int.from_bytes(raw[:4], "big") != magic:
+        raise DataError(f"{path}: not an IDX file with magic {magic}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    if len(raw) - head != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but holds {len(raw) - head} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
+
+
+def read_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``train`` (60,000) or ``test`` (10,000) from the original IDX ``.gz`` files.
+
+    Returns:
+        images: (N, 28, 28) uint8; labels: (N,) int64 in 0..9 (see :data:`FASHION_MNIST_CLASSES`).
+    """
+    stem = "train" if split == "train" else "t10k"
+    root = data_root() / "fashion-mnist"
+    images_path, labels_path = root / f"{stem}-images-idx3-ubyte.gz", root / f"{stem}-labels-idx1-ubyte.gz"
+    if not images_path.is_file():
+        rows = _hub("fashion_mnist", split="train" if split == "train" else "test")
+        return (np.stack([np.asarray(r["image"], dtype=np.uint8) for r in rows]),
+                np.array([int(r["label"]) for r in rows], dtype=np.int64))
+    images = _read_idx(images_path, 2051, 3)
+    labels = _read_idx(labels_path, 2049, 1).astype(np.int64)
+    if len(images) != len(labels):
+        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+    return images.copy(), labels
+
+
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file."""
     try:
