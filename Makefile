@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench experiments clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
+
+# The generative and latent-OT experiments (domain adaptation, prior matching, TAEF2 style): their tables join
+# bench/results.md and their PNG grids go to bench/figures/.
+experiments: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

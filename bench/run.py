@@ -1,4 +1,4 @@
-"""`make bench`: run every benchmark script, then assemble ``bench/results.md`` from their sections.
+"""`make bench` / `make experiments`: run the benchmark (or experiment) scripts, then assemble ``bench/results.md``.
 
 Each script writes its own ``bench/sections/NN-name.md`` (and a JSON beside it); this file only orders and joins
 them, so one slow or failing script does not erase the others' last results.
@@ -14,6 +14,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: Scripts run by `make bench`, in order, with their arguments.
 SCRIPTS = [["perf.py"]]
+#: Scripts run by `make experiments` (``--experiments``): the generative / latent-OT studies, minutes each.
+EXPERIMENTS = [["domain_adaptation.py"], ["prior_matching.py"], ["taef2_style.py"]]
 
 
 def assemble() -> str:
@@ -26,8 +28,9 @@ def assemble() -> str:
 
 
 def main() -> int:
+    scripts = EXPERIMENTS if "--experiments" in sys.argv[1:] else SCRIPTS
     failed = []
-    for script in SCRIPTS:
+    for script in scripts:
         t0 = time.perf_counter()
         print(f"== bench/{' '.join(script)}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script[0]), *script[1:]]).returncode != 0:

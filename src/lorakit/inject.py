@@ -112,16 +112,23 @@ def inject(model: nn.Module, targets: Sequence[str], *, rank: int = 8, alpha: fl
                                     generator=gen if layer.weight.device.type == "cpu" else None)
         layer.add_adapter(name, factors)
     if freeze:
-        _freeze(model, trainable_adapter=name, train=train)
+        freeze_except(model, train=train, adapter=name)
     return InjectReport(name, tuple(paths), *trainable_parameters(model))
 
 
-def _freeze(model: nn.Module, trainable_adapter: str, train: Sequence[str]) -> None:
+def freeze_except(model: nn.Module, train: Sequence[str] = (), adapter: str | None = None) -> None:
+    """Set ``requires_grad=False`` everywhere except the factors of ``adapter`` and the modules ``train`` matches.
+
+    With ``adapter=None`` and a classifier pattern in ``train`` this is the head-only baseline.
+
+    Raises:
+        LorakitError: a ``train`` pattern that matches no module.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
-        if trainable_adapter in layer.lora:
-            for p in layer.lora[trainable_adapter].parameters():
+        if adapter is not None and adapter in layer.lora:
+            for p in layer.lora[adapter].parameters():
                 p.requires_grad_(True)
     if train:
         found = {pat: False for pat in train}
@@ -152,11 +159,11 @@ def extract(model: nn.Module, name: str = "default", *, bake_strength: bool = Fa
     modules = {path: layer.to_data(name, bake_strength) for path, layer in lora_layers(model) if name in layer.lora}
     if not modules:
         raise AdapterStateError(f"model has no adapter named {name!r}")
-    overrides = _trained_tensors(model) if include_trained else {}
+    overrides = trained_tensors(model) if include_trained else {}
     return Adapter(modules, overrides, base_model=base_model, targets=tuple(targets), metadata=dict(metadata or {}))
 
 
-def _trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """State-dict entries (parameters and persistent buffers) of fully trained, non-adapter modules."""
     out: dict[str, torch.Tensor] = {}
     for path, m in model.named_modules():

@@ -145,3 +145,17 @@ def test_periodic_eval_keeps_the_best_adapter(tiny_lm, tmp_path: Path) -> None:
     best_step = min(evals, key=evals.get)
     assert result.best_metrics["step"] == best_step
     assert lk.load(result.adapter_best).metadata["step"] == str(best_step)
+
+
+def test_head_only_baseline_trains_and_saves_just_the_head(tmp_path: Path) -> None:
+    from lorakit.train.config import TrainConfig
+
+    raw = {"task": "image-classification", "model": {"name": "tiny-resnet", "num_labels": 10},
+           "data": {"dataset": "synthetic", "train_rows": 16, "eval_rows": 8},
+           "lora": {"targets": [], "train": ["linear"]},
+           "optim": {"batch_size": 8, "max_steps": 2, "lr": 1e-2}, "run": {"out_dir": str(tmp_path / "head")}}
+    result = train(TrainConfig.from_dict(raw))
+    adapter = lk.load(result.adapter_last)
+    assert len(adapter.modules) == 0 and sorted(adapter.overrides) == ["linear.bias", "linear.weight"]
+    assert result.trainable_params == adapter.overrides["linear.weight"].numel() + adapter.overrides["linear.bias"].numel()
+    assert evaluate_run(tmp_path / "head", "last") == pytest.approx(result.final_metrics, rel=1e-6)

@@ -78,7 +78,7 @@ class LoraConfig:
     """Where the adapters go and their shape; see :func:`lorakit.inject`."""
 
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Target patterns and presets."""
+    """Target patterns and presets; ``[]`` with a ``train`` list trains those modules only (head-only baseline)."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float = 16.0
@@ -91,8 +91,10 @@ class LoraConfig:
     """Train every parameter instead of an adapter (for baselines); the saved adapter then holds overrides only."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets) and self.targets,
-               "lora.targets", "a non-empty list of strings", self.targets)
+        _check(isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets),
+               "lora.targets", "a list of strings", self.targets)
+        _check(bool(self.targets) or bool(self.train) or self.full_finetune, "lora.targets",
+               "target patterns (an empty list only with modules in lora.train: the head-only baseline)", self.targets)
         _check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", "an int >= 1", self.rank)
         _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "lora.dropout", "a number in [0, 1)",

@@ -21,7 +21,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.formats import save
-from lorakit.inject import extract, inject, trainable_parameters
+from lorakit.adapter import Adapter
+from lorakit.inject import extract, freeze_except, inject, trainable_parameters, trained_tensors
 from lorakit.layers.base import LoraFactors
 from lorakit.train import report
 from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -104,6 +105,8 @@ def prepare(cfg: TrainConfig) -> tuple[Task, tuple[int, int]]:
     task = build_task(cfg)
     if cfg.lora.full_finetune:
         task.model.requires_grad_(True)
+    elif not cfg.lora.targets:
+        freeze_except(task.model, train=cfg.lora.train)
     else:
         inject(task.model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                train=cfg.lora.train, seed=cfg.run.seed)
@@ -113,8 +116,11 @@ def prepare(cfg: TrainConfig) -> tuple[Task, tuple[int, int]]:
 def _adapter_save(task: Task, cfg: TrainConfig, path: Path, meta: dict[str, Any]) -> Path | None:
     if cfg.lora.full_finetune:
         return None
-    adapter = extract(task.model, base_model=task.base_model, targets=cfg.lora.targets,
-                      metadata={"task": cfg.task, **{k: str(v) for k, v in meta.items()}})
+    metadata = {"task": cfg.task, **{k: str(v) for k, v in meta.items()}}
+    if cfg.lora.targets:
+        adapter = extract(task.model, base_model=task.base_model, targets=cfg.lora.targets, metadata=metadata)
+    else:  # head-only: the file holds just the trained modules, as overrides
+        adapter = Adapter({}, trained_tensors(task.model), base_model=task.base_model, metadata=metadata)
     save(adapter, path)
     return path
 
