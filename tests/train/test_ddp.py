@@ -1,4 +1,5 @@
-"""Two processes under torchrun (DDP on gloo) end with the adapter of one process with the same global batch."""
+"""Two processes under torchrun or accelerate launch (DDP on gloo) end with the adapter of one process with the
+same global batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -14,7 +16,15 @@ import lorakit as lk
 from lorakit.train import train
 
 
-def test_two_process_ddp_equals_one_process(tiny_lm, tmp_path: Path) -> None:
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_ddp_equals_one_process(tiny_lm, tmp_path: Path, launcher: str) -> None:
     cfg = tiny_lm(tmp_path / "one", grad_accum=2)
     cfg.lora.dropout = 0.0  # each rank draws its own dropout masks; without dropout the runs must agree
     single = train(cfg)
@@ -23,8 +33,7 @@ def test_two_process_ddp_equals_one_process(tiny_lm, tmp_path: Path) -> None:
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "lorakit.cli", "train", str(config), "--threads", "1"],
+    proc = subprocess.run([*LAUNCHERS[launcher], "-m", "lorakit.cli", "train", str(config), "--threads", "1"],
                           check=False, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("after training") == 1  # only rank 0 reports
