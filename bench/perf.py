@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,10 +110,13 @@ def bench_train(base, reps) -> dict:
            "train_all_linear_vs_floor": ratio(t, "lorakit", "floor")}
     ours_qv = lorakit_model(base, ["query", "value"], dropout=0.1)
     peft_qv = peft_model(base, ["query", "value"], dropout=0.1)
-    ours_qv.train(), peft_qv.train()
-    t = race({"lorakit": lambda: train_step(ours_qv, emb, mask), "peft": lambda: train_step(peft_qv, emb, mask)},
-             reps)
+    floor_train = copy.deepcopy(base)
+    # In train mode the base's own dropout runs too; its floor shows how much of PEFT's step LoRA can still save.
+    ours_qv.train(), peft_qv.train(), floor_train.train()
+    t = race({"lorakit": lambda: train_step(ours_qv, emb, mask), "peft": lambda: train_step(peft_qv, emb, mask),
+              "floor": lambda: train_step(floor_train, emb, mask)}, reps)
     out["train_qv_dropout_vs_peft"] = ratio(t, "lorakit", "peft")
+    out["train_mode_floor_vs_peft_qv"] = ratio(t, "floor", "peft")
     return out
 
 
@@ -198,27 +200,30 @@ def bench_attach(base, tmp: Path) -> dict:
     for i, a in enumerate(adapters):
         to_peft_dir(a, tmp / f"attach{i}")
         lk.save(a, tmp / f"attach{i}.safetensors")
-    ours = copy.deepcopy(base)
-    ours_t = []
-    for i in range(50):
+    rounds = []
+    for _ in range(3):  # a whole attach sequence is one sample; the median of three rounds damps GC and OS pauses
+        ours = copy.deepcopy(base)
+        ours_t = []
+        for i in range(50):
+            t0 = time.perf_counter()
+            lk.attach(ours, lk.load(tmp / f"attach{i}.safetensors"), name=f"a{i}")
+            ours_t.append(time.perf_counter() - t0)
+        theirs_t = []
         t0 = time.perf_counter()
-        lk.attach(ours, lk.load(tmp / f"attach{i}.safetensors"), name=f"a{i}")
-        ours_t.append(time.perf_counter() - t0)
-    theirs_t = []
-    t0 = time.perf_counter()
-    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "attach0"), adapter_name="a0")
-    theirs_t.append(time.perf_counter() - t0)
-    for i in range(1, 50):
-        t0 = time.perf_counter()
-        theirs.load_adapter(str(tmp / f"attach{i}"), adapter_name=f"a{i}")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "attach0"), adapter_name="a0")
         theirs_t.append(time.perf_counter() - t0)
-    return {"attach50_vs_peft": {"median": sum(ours_t) / sum(theirs_t), "min": None, "max": None,
-                                 "num_s": sum(ours_t), "den_s": sum(theirs_t)},
-            "attach_last10_over_first10": {"median": sum(ours_t[-10:]) / sum(ours_t[:10]), "min": None,
-                                           "max": None, "num_s": sum(ours_t[-10:]), "den_s": sum(ours_t[:10])},
-            "peft_attach_last10_over_first10": {"median": sum(theirs_t[-10:]) / sum(theirs_t[:10]), "min": None,
-                                                "max": None, "num_s": sum(theirs_t[-10:]),
-                                                "den_s": sum(theirs_t[:10])}}
+        for i in range(1, 50):
+            t0 = time.perf_counter()
+            theirs.load_adapter(str(tmp / f"attach{i}"), adapter_name=f"a{i}")
+            theirs_t.append(time.perf_counter() - t0)
+        rounds.append((ours_t, theirs_t))
+        del ours, theirs
+    totals = {"lorakit": [sum(o) for o, _ in rounds], "peft": [sum(t) for _, t in rounds]}
+    ends = {"ours_last": [sum(o[-10:]) for o, _ in rounds], "ours_first": [sum(o[:10]) for o, _ in rounds],
+            "peft_last": [sum(t[-10:]) for _, t in rounds], "peft_first": [sum(t[:10]) for _, t in rounds]}
+    return {"attach50_vs_peft": ratio(totals, "lorakit", "peft"),
+            "attach_last10_over_first10": ratio(ends, "ours_last", "ours_first"),
+            "peft_attach_last10_over_first10": ratio(ends, "peft_last", "peft_first")}
 
 
 def bench_merge(base, reps) -> dict:
@@ -296,37 +301,49 @@ def bench_svd(reps) -> dict:
 def _peak_child(kind: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     base = load_base()
-    model = (lorakit_model(base, "all-linear", dropout=0.1) if kind == "lorakit"
-             else peft_model(base, "all-linear", dropout=0.1))
-    del base
+    if kind == "floor":
+        model = base
+    else:
+        model = (lorakit_model(base, "all-linear", dropout=0.1) if kind == "lorakit"
+                 else peft_model(base, "all-linear", dropout=0.1))
+        del base
     model.train()
     emb, mask = inputs()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     import gc
 
     gc.collect()
-    now = _rss_kb()
+    with open("/proc/self/clear_refs", "w") as f:  # restart VmHWM from the current RSS (Linux ≥ 4.0)
+        f.write("5")
+    now = _status_kb("VmRSS")
     train_step(model, emb, mask)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_kb": peak - max(now, 0), "before_kb": before}))
+    # VmHWM is this process's own high-water mark: ru_maxrss is not, since Linux carries the parent's peak RSS
+    # across fork and exec, which made every child's "growth" the size of the parent process.
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_growth_kb": peak - now, "before_kb": now}))
 
 
-def _rss_kb() -> int:
+def _status_kb(field: str) -> int:
+    """A memory figure (kB) from /proc/self/status: ``VmRSS`` now, ``VmHWM`` the peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def bench_memory(reps: int) -> dict:
-    results: dict[str, list[float]] = {"lorakit": [], "peft": []}
+    results: dict[str, list[float]] = {"lorakit": [], "peft": [], "floor": []}
+    # A fixed mmap threshold makes glibc return every large freed block at once: peak RSS then follows the live
+    # tensors. With its default sliding threshold, freed activations may stay in the heap and the peak of the same
+    # step varied by 50% from run to run.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     for _ in range(reps):
         for kind in results:
             proc = subprocess.run([sys.executable, __file__, "--peak-child", kind], capture_output=True, text=True,
-                                  check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                  check=True, env=env)
             results[kind].append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth_kb"] / 1024)
-    return {"peak_train_memory_vs_peft": ratio(results, "lorakit", "peft")}
+    return {"peak_train_memory_vs_peft": ratio(results, "lorakit", "peft"),
+            "peak_train_memory_vs_floor": ratio(results, "lorakit", "floor")}
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -335,7 +352,10 @@ ROWS = [
     ("train step, all-linear r=8, dropout 0", "train_all_linear_vs_peft", "lorakit / PEFT", 0.80),
     ("train step, all-linear r=8, dropout 0", "train_all_linear_vs_floor", "lorakit / frozen floor", 1.10),
     ("train step, query/value r=8, dropout 0.1", "train_qv_dropout_vs_peft", "lorakit / PEFT", 0.85),
+    ("train step, query/value r=8, dropout 0.1", "train_mode_floor_vs_peft_qv", "frozen floor (train mode) / PEFT",
+     None),
     ("peak training memory, all-linear, dropout 0.1", "peak_train_memory_vs_peft", "lorakit / PEFT (MiB growth)", 0.80),
+    ("peak training memory, all-linear, dropout 0.1", "peak_train_memory_vs_floor", "lorakit / frozen floor", None),
     ("unmerged inference overhead over base", "inference_overhead_vs_peft", "lorakit / PEFT (extra time)", 0.40),
     ("mixed batch of 8 adapters", "mixed8_vs_peft", "lorakit / PEFT adapter_names", 0.50),
     ("mixed batch of 8 adapters", "mixed8_vs_single", "lorakit mixed / lorakit single", 1.20),
@@ -370,6 +390,8 @@ def render(results: dict, env: dict) -> str:
                      f"{'≤ %.2f' % goal if goal else ''} | {num} | {den} |")
     lines += ["", "Times in seconds (memory rows: MiB of peak RSS growth during one training step, measured in "
                   "fresh subprocesses)."]
+    if env.get("note"):
+        lines += ["", env["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -378,6 +400,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peak-child", default=None)
+    parser.add_argument("--note", default="", help="a paragraph added under the table (e.g. that the CPU was shared)")
     args = parser.parse_args()
     if args.peak_child:
         _peak_child(args.peak_child)
@@ -391,7 +414,8 @@ def main() -> None:
 
     env = {"threads": args.threads, "reps": args.reps, "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
-           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "note": args.note}
     base = load_base()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -86,3 +86,15 @@ def test_adapters_equal_is_bitwise():
     nudged = ModuleLora(A=a["x"].A.nextafter(torch.tensor(1e9)), B=a["x"].B, alpha=a["x"].alpha)
     assert not adapters_equal(a, Adapter({"x": nudged}))
     assert not adapters_equal(a, a.scaled(1.0000001))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_finds_nan_and_inf(dtype):
+    from lorakit.adapter import all_finite
+
+    x = torch.randn(6, 5).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[3, 2] = bad
+        assert not all_finite(y)

@@ -32,6 +32,15 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or inf: one min/max reduction (NaN propagates through both), several
+    times cheaper than ``isfinite(t).all()`` on the small factors that every read and attach checks."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 @dataclass(frozen=True, eq=False)
 class ModuleLora:
     """The LoRA factors of one module.
@@ -156,7 +165,7 @@ class ModuleLora:
         for role, t in self.tensors().items():
             if not t.is_floating_point():
                 out.append(f"{path}.{role}: expected a floating dtype, got {t.dtype}")
-            elif not bool(torch.isfinite(t).all()):
+            elif not all_finite(t):
                 out.append(f"{path}.{role}: contains NaN or inf")
         if a.dtype != b.dtype:
             out.append(f"{path}: A is {a.dtype} but B is {b.dtype}")
@@ -276,7 +285,7 @@ class Adapter:
                 out.append(f"invalid module path {path!r}")
             out.extend(mod.problems(path))
         for key, t in self.overrides.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 out.append(f"override {key}: contains NaN or inf")
         for k, v in self.metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):

@@ -273,16 +273,24 @@ def detach(model: nn.Module, name: str | None = None) -> list[str]:
 def merge(model: nn.Module, names: Iterable[str] | None = None) -> int:
     """Add adapters into the base weights (default: every enabled one); merged ones are skipped (idempotent).
 
+    Each (layer, adapter) pair costs one in-place ``addmm_`` on the base weight (DoRA: a rescale too).
     Returns the number of (layer, adapter) pairs merged by this call.
     """
     chosen = None if names is None else list(names)
-    return sum(len(layer.merge(_present(layer, chosen))) for _, layer in lora_layers(model))
+    with torch.no_grad():  # once for the whole model rather than once per layer
+        return sum(len(layer._merge(_present(layer, chosen))) for layer in _layer_list(model))
 
 
 def unmerge(model: nn.Module, names: Iterable[str] | None = None) -> int:
     """Subtract merged adapters from the base weights; unmerged ones are skipped (idempotent)."""
     chosen = None if names is None else list(names)
-    return sum(len(layer.unmerge(_present(layer, chosen))) for _, layer in lora_layers(model))
+    with torch.no_grad():
+        return sum(len(layer._unmerge(_present(layer, chosen))) for layer in _layer_list(model))
+
+
+def _layer_list(model: nn.Module) -> list[LoraLayer]:
+    """The LoRA layers of ``model`` in model order (no paths: cheaper than :func:`lora_layers`)."""
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def _present(layer: LoraLayer, names: list[str] | None) -> list[str] | None:

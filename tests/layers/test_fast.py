@@ -89,3 +89,47 @@ def test_conv_fallback_for_padding_modes(monkeypatch):
     layer.add_adapter("a", layer.new_factors(2, 2.0))
     layer(torch.randn(1, 3, 5, 5))
     assert calls == []
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_t"])
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_path_without_grad_equals_plain(case, train):
+    outs = []
+    for layer in pair(case, 0.3):
+        layer.train(train)
+        x = torch.randn(*CASES[case][1], generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(42)
+        with torch.no_grad():
+            outs.append(layer(x))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def _saved_bytes(layer, x) -> tuple[int, list[torch.dtype]]:
+    """Bytes of the tensors autograd keeps for backward (storage counted once), and their dtypes."""
+    seen: dict[int, int] = {}
+    dtypes = []
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        dtypes.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values()), dtypes
+
+
+def test_fast_dropout_keeps_a_bool_mask_instead_of_the_dropped_copy():
+    fast_layer, plain_layer = pair("linear", 0.3)
+    big_fast = nn.Linear(256, 256).requires_grad_(False)
+    x = torch.randn(64, 256, requires_grad=True)
+    for layer in (fast_layer, plain_layer):
+        layer.weight, layer.bias = big_fast.weight, big_fast.bias
+        f = layer.lora["a"]
+        f.A = nn.Parameter(torch.randn(3, 256))
+        f.B = nn.Parameter(torch.randn(256, 3))
+    fast_bytes, fast_dtypes = _saved_bytes(fast_layer, x)
+    plain_bytes, _ = _saved_bytes(plain_layer, x)
+    assert torch.bool in fast_dtypes
+    # plain: x, the dropped float copy (and its mask); fast: x and a one-byte-per-element mask
+    assert fast_bytes <= plain_bytes - 3 * x.numel()

@@ -164,14 +164,15 @@ class LoraLayer(nn.Module):
             if f is None or not f.enabled:
                 continue
             xs = x[rows]
+            # The scale rides on the accumulation (alpha) rather than costing a scaled copy of the update.
             if f.magnitude is None:
-                update = f.scale * self.lora_forward(f, f.dropout(xs))
+                update, alpha = self.lora_forward(f, f.dropout(xs)), f.scale
             else:
-                update = self._dora_update(f, xs, out[rows])
+                update, alpha = self._dora_update(f, xs, out[rows]), 1.0
             if isinstance(rows, slice):
-                out[rows] += update
+                out[rows].add_(update, alpha=alpha)
             else:
-                out = out.index_add(0, rows, update)
+                out = out.index_add(0, rows, update, alpha=alpha)
         return out
 
     def _dora_update(self, f: LoraFactors, x: Tensor, base_out: Tensor) -> Tensor:
@@ -234,7 +235,9 @@ class LoraLayer(nn.Module):
         if tuple(f.A.shape) != want_a or tuple(f.B.shape) != (self.out_features, f.rank):
             raise LorakitError(f"adapter {name!r}: factors A {tuple(f.A.shape)}, B {tuple(f.B.shape)} do not fit a "
                                f"{self.kind} layer {self.in_features}→{self.out_features} (want A {want_a})")
-        self.lora[name] = f.to(device=self.weight.device)
+        dev = self.weight.device
+        # Module.to walks every parameter; attaching many adapters should not pay for it when nothing moves.
+        self.lora[name] = f if all(p.device == dev for p in f.parameters()) else f.to(device=dev)
 
     def remove_adapter(self, name: str) -> LoraFactors:
         f = self.factors(name)
@@ -321,15 +324,26 @@ class LoraLayer(nn.Module):
 
     # -- merge ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None) -> list[str]:
         """Add the named (default: all enabled) adapters into the base weight; already merged ones are skipped.
 
         Returns the names merged by this call.
         """
+        with torch.no_grad():
+            return self._merge(names)
+
+    def unmerge(self, names: Iterable[str] | None = None) -> list[str]:
+        """Subtract merged adapters from the base weight, in reverse merge order; unmerged ones are skipped."""
+        with torch.no_grad():
+            return self._unmerge(names)
+
+    # The bodies below run once per (layer, adapter) in a model-wide merge, so they avoid repeated module attribute
+    # look-ups (nn.Module.__getattr__) and keep the per-call Python work small next to the one addmm_ they issue.
+
+    def _merge(self, names: Iterable[str] | None) -> list[str]:
         done = []
-        for name in self._names(names):
-            f = self.factors(name)
+        pairs = self.lora.items() if names is None else [(n, self.factors(n)) for n in names]
+        for name, f in pairs:
             if f.merged or (names is None and not f.enabled):
                 continue
             if f.magnitude is None:
@@ -343,12 +357,10 @@ class LoraLayer(nn.Module):
             done.append(name)
         return done
 
-    @torch.no_grad()
-    def unmerge(self, names: Iterable[str] | None = None) -> list[str]:
-        """Subtract merged adapters from the base weight, in reverse merge order; unmerged ones are skipped."""
+    def _unmerge(self, names: Iterable[str] | None) -> list[str]:
         done = []
-        for name in reversed(self._names(names)):
-            f = self.factors(name)
+        pairs = list(self.lora.items()) if names is None else [(n, self.factors(n)) for n in names]
+        for name, f in reversed(pairs):
             if not f.merged:
                 continue
             if f.magnitude is None:
@@ -365,12 +377,12 @@ class LoraLayer(nn.Module):
 
     def _add_lowrank_(self, f: LoraFactors, sign: float) -> None:
         """``W += sign·s·B·A`` as one in-place addmm on the (out, in·k) view of W, with no ΔW temporary."""
-        w2 = self.weight.T if self.weight_out_dim == 1 else self.weight.view(self.weight.shape[0], -1)
-        dtype = self.weight.dtype
-        w2.addmm_(f.B.to(dtype), f.A.flatten(1).to(dtype), alpha=sign * f.scale)
-
-    def _names(self, names: Iterable[str] | None) -> list[str]:
-        return self.adapter_names if names is None else list(names)
+        w = self.weight
+        w2 = w.T if self.weight_out_dim == 1 else w.view(w.shape[0], -1)
+        A, B = f.A, f.B
+        if A.dtype != w.dtype:
+            A, B = A.to(w.dtype), B.to(w.dtype)
+        w2.addmm_(B, A.flatten(1), alpha=sign * f.scale)
 
     @property
     def base_layer(self) -> nn.Module:

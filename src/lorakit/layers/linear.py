@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.layers.base import LoraFactors, LoraLayer, linear_lora
-from lorakit.layers.fast import LoraLinearFn
+from lorakit.layers.fast import LoraLinearFn, linear_forward
 
 
 class LoraLinear(LoraLayer):
@@ -35,6 +35,10 @@ class LoraLinear(LoraLayer):
         return int(self.weight.shape[self.weight_out_dim])
 
     def fast_forward(self, x: Tensor, f: LoraFactors) -> Tensor:
+        if not torch.is_grad_enabled():  # inference: the same computation without the autograd.Function's overhead
+            out, _, _ = linear_forward(x.reshape(-1, x.shape[-1]), self.weight, self.bias, f.A, f.B, f.scale,
+                                       f.dropout_p, self.transposed)
+            return out.view(*x.shape[:-1], out.shape[-1])
         return LoraLinearFn.apply(x, self.weight, self.bias, f.A, f.B, f.scale, f.dropout_p, self.transposed)
 
     def base_forward(self, x: Tensor) -> Tensor:

@@ -66,3 +66,43 @@ def rank_for_energy(s: Tensor, share: float) -> int:
     cum = energies(s)
     k = int((cum < share - 1e-12).sum()) + 1
     return max(1, min(k, int(s.shape[0])))
+
+
+def gram_truncate(As: list[Tensor], Bs: list[Tensor], k: int) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+    """Best rank-k factors of ``B·A`` for a batch of equal-shape modules, from r×r Gram matrices (float32 route).
+
+    With ``Ga = A·Aᵀ = La·Laᵀ`` (Cholesky) the rows of ``Qaᵀ = La⁻¹·A`` are orthonormal and ``B·A = (B·La)·Qaᵀ``;
+    the eigen-decomposition ``(B·La)ᵀ(B·La) = Laᵀ·(Bᵀ·B)·La = W·Σ²·Wᵀ`` then gives ``B·A = U·Σ·(Qa·W)ᵀ`` with
+    ``U = B·La·W·Σ⁻¹``. The top-k part has factors
+
+        B' = B · (La·W_k·Σ_k^{-1/2})        A' = (Σ_k^{1/2}·W_kᵀ·La⁻¹) · A
+
+    so the only passes over the long axes are the two Grams and the two products with r×k transforms. The Grams
+    are formed in float32 (the O((out + n)·r²) work); the r×r algebra runs in float64, batched over the modules.
+
+    Args:
+        As: per module A: (r, n), all the same shape and dtype.
+        Bs: per module B: (out, r).
+        k: target rank, ``k < r ≤ min(out, n)``.
+
+    Returns:
+        Per module ``(A': (k, n), B': (out, k), σ²: (r,) float64 descending)`` in float32, with
+        ``B'·A' ≈ (B·A)_k``; or ``None`` for a module whose A is not numerically of full row rank or whose k-th
+        singular value vanishes (the caller should use the exact :func:`factor_svd` route for it).
+    """
+    a = torch.stack(As).float()  # (m, r, n)
+    b = torch.stack(Bs).float()  # (m, out, r)
+    ga = (a @ a.mT).double()
+    gb = (b.mT @ b).double()
+    la, info = torch.linalg.cholesky_ex(ga)  # (m, r, r) lower
+    ev, w = torch.linalg.eigh(la.mT @ gb @ la)  # ascending
+    ev, w = ev.flip(-1), w.flip(-1)
+    s2 = ev.clamp_min(0)
+    wk, sk = w[..., :k], s2[..., :k].sqrt()  # (m, r, k), (m, k)
+    ok = (info == 0) & (sk[..., -1] > 1e-6 * sk[..., 0])
+    sk = torch.where(ok[:, None], sk, torch.ones_like(sk))  # keep the failed modules' transforms finite
+    t_b = (la @ wk) * sk.rsqrt()[:, None, :]  # (m, r, k)
+    t_a = torch.linalg.solve_triangular(la.mT, wk, upper=True).mT * sk.sqrt()[:, :, None]  # (m, k, r)
+    new_b = b @ t_b.float()
+    new_a = t_a.float() @ a
+    return [(new_a[i], new_b[i], s2[i]) if ok[i] else None for i in range(len(As))]
