@@ -116,6 +116,9 @@ def train(config: Path | None = typer.Argument(None, help="training config (.yam
     best = result.best_metrics
     out.print(f"{m} after training:  {result.final_metrics[m]:.4f}   (best {best.get(m, float('nan')):.4f} "
               f"at step {best.get('step', '-')})")
+    if "target_accuracy" in result.final_metrics:  # reported only; never used to pick the best adapter
+        before = f"{result.base_metrics['target_accuracy']:.4f} → " if result.base_metrics else ""
+        out.print(f"target_accuracy (held-out target domain): {before}{result.final_metrics['target_accuracy']:.4f}")
     out.print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
               f"({100 * result.trainable_params / max(result.total_params, 1):.2f}%)")
     out.print(f"{result.steps} steps in {result.seconds:.0f} s")

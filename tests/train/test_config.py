@@ -41,8 +41,10 @@ def test_overrides_parse_yaml_values() -> None:
 def test_bad_override_is_named() -> None:
     with pytest.raises(ConfigError, match="optim.lr"):
         apply_overrides({}, ["optim.lr"])
-    with pytest.raises(ConfigError, match="a.b.c"):
-        apply_overrides({}, ["a.b.c=1"])
+    with pytest.raises(ConfigError, match=r"'optim\.lr' is not a section"):
+        apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=1"])
+    with pytest.raises(ConfigError, match=r"\['a'\]: unknown"):
+        TrainConfig.from_dict(apply_overrides({}, ["a.b.c=1"]))
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import yaml
 
 import lorakit as lk
 from lorakit.train import train
+from lorakit.train.config import TrainConfig
 
 
 LAUNCHERS = {
@@ -42,3 +43,32 @@ def test_two_process_ddp_equals_one_process(tiny_lm, tmp_path: Path, launcher: s
     for path, m in a.modules.items():
         torch.testing.assert_close(b.modules[path].A, m.A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(b.modules[path].B, m.B, rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_ddp_with_domain_ot_equals_one_process_on_its_shards(tmp_path: Path) -> None:
+    """With ``ot.pair: domain`` each process computes the OT term on its own source and target shards; the run equals
+    one process whose micro-batches are those shards (half the batch, twice the accumulation), OT draws included."""
+    raw = {"task": "fashion-mnist", "model": {"name": "fashion-cnn-scratch", "num_labels": 10},
+           "data": {"dataset": "synthetic", "train_rows": 48, "eval_rows": 8,
+                    "target": {"corruption": "invert", "rows": 24, "eval_rows": 8, "batch_size": 3}},
+           "lora": {"targets": ["all-conv", "all-linear"], "rank": 2, "alpha": 4},
+           "optim": {"lr": 1e-2, "batch_size": 4, "grad_accum": 4, "max_steps": 4, "warmup_steps": 0},
+           "run": {"out_dir": str(tmp_path / "one"), "seed": 5, "log_every": 1, "eval_before": False},
+           "ot": {"tap": "features", "divergence": "sliced", "pair": "domain", "weight": 1.0}}
+    single = train(TrainConfig.from_dict(raw))
+
+    raw["optim"].update(batch_size=8, grad_accum=2)
+    raw["data"]["target"]["batch_size"] = 6
+    raw["run"]["out_dir"] = str(tmp_path / "two")
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*LAUNCHERS["torchrun"], "-m", "lorakit.cli", "train", str(config), "--threads", "1"],
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = lk.load(single.adapter_last), lk.load(tmp_path / "two" / "adapter-last.safetensors")
+    assert a.modules.keys() == b.modules.keys()
+    for path, m in a.modules.items():
+        torch.testing.assert_close(b.modules[path].A, m.A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.modules[path].B, m.B, rtol=1e-4, atol=1e-6)
+    assert any(float(m.B.abs().max()) > 0 for m in a.modules.values())  # B starts at zero: the runs trained

@@ -1,18 +1,33 @@
 """A small CNN for 28×28 grey images (Fashion-MNIST): the source model of the domain-adaptation experiments and
 the feature extractor of the Fréchet distance in the prior-matching study.
 
-Three 3×3 conv stages (32, 64, 128 channels, ReLU, 2×2 max-pool after the first two), global average pooling,
-then ``features`` (a 128→128 linear layer and ReLU: the latent that OT regularisers tap) and ``head`` (128→10).
+Three 3×3 conv stages (32, 64, 128 channels, ReLU, each followed by a 2×2 max-pool: 28 → 14 → 7 → 3), then
+``features`` (flatten, a 1152→128 linear layer and ReLU: the latent that OT regularisers tap) and ``head`` (128→10).
+The 3×3 map is flattened rather than averaged: keeping where a part sits (collar, sole, handle) is worth several
+points of accuracy on Fashion-MNIST.
 There is no batch norm, so a frozen base has no running statistics that would adapt to a new domain on their own:
 whatever adaptation happens is the adapter's.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from torch import Tensor, nn
 
 #: Width of the tapped feature layer.
 FEATURE_DIM = 128
+#: Environment variable naming the folder of cached pretrained weights.
+CACHE_ENV = "LORAKIT_CACHE"
+#: File name of the cached weights inside the cache folder.
+WEIGHTS_FILE = "fashion-cnn.safetensors"
+#: Bumped whenever the architecture changes, so cached weights of an older one are never loaded.
+ARCH_VERSION = 2
+#: How the cached weights are made: seed, optimiser steps, batch size, peak learning rate. A change of recipe gives a
+#: new file name, so stale weights are never reused.
+RECIPE = {"seed": 0, "steps": 1500, "batch_size": 128, "lr": 2e-3}
 
 
 class FashionCNN(nn.Module):
@@ -25,15 +40,90 @@ class FashionCNN(nn.Module):
         self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
         self.act = nn.ReLU()
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(128, FEATURE_DIM), nn.ReLU())
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(128 * 3 * 3, FEATURE_DIM), nn.ReLU())
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
         """(N, 1, 28, 28) → (N, 128) features (the output of ``features``)."""
         h = self.pool(self.act(self.conv1(x)))
         h = self.pool(self.act(self.conv2(h)))
-        h = self.act(self.conv3(h)).mean(dim=(2, 3), keepdim=True)
+        h = self.pool(self.act(self.conv3(h)))  # (N, 128, 3, 3)
         return self.features(h)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.embed(x))
+
+
+def cache_dir() -> Path:
+    """Where pretrained weights are cached: ``$LORAKIT_CACHE``, else ``runs/pretrained`` of the checkout that holds
+    this package (source layout), else ``~/.cache/lorakit``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[3]
+    if (root / "pyproject.toml").is_file():
+        return root / "runs" / "pretrained"
+    return Path.home() / ".cache" / "lorakit"
+
+
+def _recipe_name() -> str:
+    r = RECIPE
+    return f"{WEIGHTS_FILE.removesuffix('.safetensors')}-v{ARCH_VERSION}-s{r['seed']}-n{r['steps']}.safetensors"
+
+
+def pretrained_fashion_cnn(cache: str | Path | None = None, *, train_if_missing: bool = True) -> FashionCNN:
+    """The Fashion-MNIST CNN with weights pretrained on the labelled train split (all 10 classes).
+
+    The weights are read from ``<cache>/fashion-cnn-v<arch>-s<seed>-n<steps>.safetensors``. When that file is absent they
+    are trained once, deterministically (fixed seed, data order and splits), through lorakit's own training loop
+    (task ``fashion-mnist``, full fine-tuning from random weights, on the train split minus the
+    :data:`~lorakit.train.tasks.fashion_mnist.SOURCE_VAL` held-out examples), and written atomically with their
+    validation accuracy in the metadata. Training takes about a minute or two on two CPU cores.
+
+    Args:
+        cache: folder of the cached weights; default :func:`cache_dir`.
+        train_if_missing: train (and cache) the weights when the file is absent; otherwise raise.
+
+    Returns:
+        A ``FashionCNN`` in eval mode with gradients on (callers freeze or adapt it).
+
+    Raises:
+        FileNotFoundError: the weights are absent and ``train_if_missing`` is False.
+    """
+    from lorakit.formats.safetensors_io import read_safetensors
+
+    path = Path(cache) if cache is not None else cache_dir()
+    path = path / _recipe_name()
+    if not path.is_file():
+        if not train_if_missing:
+            raise FileNotFoundError(f"{path}: no pretrained Fashion-MNIST CNN weights (train_if_missing=False)")
+        _pretrain(path)
+    tensors, _ = read_safetensors(path)
+    model = FashionCNN()
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def _pretrain(path: Path) -> None:
+    """Train FashionCNN from scratch with the :data:`RECIPE` through the training loop and save it to ``path``."""
+    import json
+
+    from lorakit.formats.safetensors_io import write_safetensors
+    from lorakit.train import TrainConfig, train
+
+    r = RECIPE
+    with tempfile.TemporaryDirectory(prefix="fashion-cnn-") as run_dir:
+        cfg = TrainConfig.from_dict({
+            "task": "fashion-mnist", "model": {"name": "fashion-cnn-scratch", "num_labels": 10},
+            "data": {"dataset": "fashion-mnist"},
+            "lora": {"targets": [], "full_finetune": True},
+            "optim": {"lr": r["lr"], "batch_size": r["batch_size"], "max_steps": r["steps"], "warmup_steps": 50,
+                      "schedule": "cosine", "weight_decay": 0.0},
+            "run": {"out_dir": run_dir, "seed": r["seed"], "eval_before": False, "log_every": 100}})
+        result = train(cfg)
+    assert result.model is not None  # single process
+    tensors = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    metadata = {"recipe": json.dumps(r, sort_keys=True), "source_val_accuracy": f"{result.final_metrics['accuracy']:.4f}",
+                "trained_by": "lorakit.models.fashion_cnn.pretrained_fashion_cnn"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, path, metadata)

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from lorakit.errors import LorakitError
+from lorakit.regularizers import OTConfig, RegularizerError
+from lorakit.train.corruptions import CORRUPTIONS
 
 
 class ConfigError(LorakitError):
@@ -44,12 +46,37 @@ class ModelConfig:
 
 
 @dataclass
+class TargetConfig:
+    """An unlabelled target domain: the held-out split of ``data.dataset`` under a corruption.
+
+    Its inputs feed the ``ot`` regulariser (``pair: domain``), drawn each step alongside the source batch; its labels
+    are read only to report ``target_*`` metrics, never by the loss or the choice of the best adapter.
+    """
+
+    corruption: str = "none"
+    """``none``, ``contrast-noise`` (low contrast + fixed-seed Gaussian noise), ``blur`` or ``invert``."""
+    rows: int | None = None
+    """Unlabelled target examples to draw from (a fixed random subset of the adaptation half); all when null."""
+    eval_rows: int | None = None
+    """Labelled target examples for reporting (from the other, never-trained-on half); all when null."""
+    batch_size: int | None = None
+    """Target examples per micro-batch (global); null means ``optim.batch_size``."""
+
+    def __post_init__(self) -> None:
+        _check(self.corruption in CORRUPTIONS, "data.target.corruption", f"one of {list(CORRUPTIONS)}",
+               self.corruption)
+        for name in ("rows", "eval_rows", "batch_size"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and v > 0), f"data.target.{name}", "null or an int > 0", v)
+
+
+@dataclass
 class DataConfig:
     """Which data set, and how much of it."""
 
     dataset: str = "sst2"
-    """``sst2``, ``rt-polarity``, ``cifar10-jpg``, ``text-file`` (causal LM on the lines of ``path``) or
-    ``synthetic`` (random data, for tests)."""
+    """``sst2``, ``rt-polarity``, ``cifar10-jpg``, ``fashion-mnist``, ``text-file`` (causal LM on the lines of
+    ``path``) or ``synthetic`` (random data, for tests)."""
     path: str | None = None
     """A text file for ``text-file``."""
     train_rows: int | None = None
@@ -58,8 +85,14 @@ class DataConfig:
     """Evaluate on only this many examples (the first ones); all when null."""
     max_length: int = 64
     """Tokens per text example (longer ones are cut); batches are padded only to their longest example."""
+    target: TargetConfig | None = None
+    """An unlabelled target domain (task ``fashion-mnist``); null for none."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.target, Mapping):
+            self.target = _section("data.target", TargetConfig, self.target)
+        _check(self.target is None or isinstance(self.target, TargetConfig), "data.target", "null or a mapping",
+               self.target)
         _check(self.dataset in DATASETS, "data.dataset", f"one of {sorted(DATASETS)}", self.dataset)
         for name in ("train_rows", "eval_rows"):
             v = getattr(self, name)
@@ -70,7 +103,7 @@ class DataConfig:
                self.path)
 
 
-DATASETS = {"sst2", "rt-polarity", "cifar10-jpg", "text-file", "synthetic"}
+DATASETS = {"sst2", "rt-polarity", "cifar10-jpg", "fashion-mnist", "text-file", "synthetic"}
 
 
 @dataclass
@@ -192,7 +225,7 @@ class RunConfig:
                "null or an int >= 1", self.threads)
 
 
-TASKS = ("text-classification", "image-classification", "causal-lm")
+TASKS = ("text-classification", "image-classification", "causal-lm", "fashion-mnist", "autoencoder")
 
 
 @dataclass
@@ -200,15 +233,21 @@ class TrainConfig:
     """A whole training run."""
 
     task: str = "text-classification"
-    """``text-classification``, ``image-classification`` or ``causal-lm``."""
+    """``text-classification``, ``image-classification``, ``causal-lm``, ``fashion-mnist`` (a small CNN,
+    optionally adapted to a corrupted target domain) or ``autoencoder`` (see that task's module)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ot: OTConfig | None = None
+    """Latent OT regulariser added to the task loss (see :class:`lorakit.regularizers.OTConfig`); null for none."""
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, "task", f"one of {list(TASKS)}", self.task)
+        _check(self.ot is None or isinstance(self.ot, OTConfig), "ot", "null or a mapping", self.ot)
+        _check(self.ot is None or self.ot.pair != "domain" or self.data.target is not None, "data.target",
+               "a target domain (ot.pair is 'domain')", self.data.target)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML-ready mapping of every field (the resolved config)."""
@@ -226,25 +265,46 @@ class TrainConfig:
         kwargs: dict[str, Any] = {}
         for name, value in raw.items():
             sub = _SECTIONS.get(name)
-            if sub is None:
+            if name == "ot":
+                kwargs[name] = _ot_section(value)
+            elif sub is None:
                 kwargs[name] = value
-                continue
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config field {name!r}: expected a mapping, got {value!r}")
-            known = {f.name for f in dataclasses.fields(sub)}
-            bad = [f"{name}.{k}" for k in value if k not in known]
-            if bad:
-                raise ConfigError(f"config field(s) {bad}: unknown; known fields of {name!r} are {sorted(known)}")
-            kwargs[name] = sub(**value)
+            else:
+                kwargs[name] = _section(name, sub, value)
         return cls(**kwargs)
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig}
 
 
+def _section(name: str, sub: type, value: Any) -> Any:
+    """The dataclass ``sub`` built from the mapping at dotted field ``name``; unknown keys are named errors."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config field {name!r}: expected a mapping, got {value!r}")
+    known = {f.name for f in dataclasses.fields(sub)}
+    bad = [f"{name}.{k}" for k in value if k not in known]
+    if bad:
+        raise ConfigError(f"config field(s) {bad}: unknown; known fields of {name!r} are {sorted(known)}")
+    return sub(**value)
+
+
+def _ot_section(value: Any) -> OTConfig | None:
+    """The ``ot:`` section through :meth:`OTConfig.from_mapping`, whose errors already name each ``ot.*`` field."""
+    if value is None or isinstance(value, OTConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config field 'ot': expected a mapping or null, got {value!r}")
+    try:
+        return OTConfig.from_mapping(value)
+    except RegularizerError as e:
+        raise ConfigError(f"config field 'ot': {e}") from None
+    except TypeError as e:  # e.g. a wrong-typed value that the frozen dataclass cannot compare
+        raise ConfigError(f"config field 'ot': {e}") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of ``raw`` with ``key.sub=value`` overrides applied; values are parsed as YAML (``1e-3``, ``[a, b]``)."""
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    out = dict(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -252,16 +312,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         value = yaml.safe_load(text) if text else None
         if isinstance(value, str) and _is_number(value):
             value = float(value)
-        parts = key.split(".")
-        if len(parts) == 1:
-            out[key] = value
-        elif len(parts) == 2:
-            section = out.setdefault(parts[0], {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"--set {item!r}: config field {parts[0]!r} is not a section")
-            section[parts[1]] = value
-        else:
-            raise ConfigError(f"--set {item!r}: config field {key!r} is nested too deep (use section.field)")
+        *sections, last = key.split(".")
+        node = out
+        for depth, part in enumerate(sections):
+            child = node.get(part)
+            if child is None:  # an absent or null section (``ot: null``) starts empty
+                child = {}
+            elif not isinstance(child, Mapping):
+                raise ConfigError(f"--set {item!r}: config field {'.'.join(sections[:depth + 1])!r} is not a "
+                                  "section")
+            node[part] = child = dict(child)  # copy on the way down: the caller's mapping stays as it was
+            node = child
+        node[last] = value
     return out
 
 

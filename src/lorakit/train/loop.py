@@ -4,6 +4,15 @@ bf16 autocast, periodic eval, best/last adapters, atomic checkpoints, exact resu
 Data order is a pure function of ``(seed, epoch)`` and the position a pure function of the optimiser step, so a
 resumed run sees exactly the batches an uninterrupted one would. Under DDP every global micro-batch is cut into
 equal contiguous shards, one per process; gradient averaging then gives the single-process gradient.
+
+With an ``ot:`` section the loss of each micro-batch gains a latent OT term (:func:`lorakit.regularizers.ot_loss`)
+on the features tapped at ``ot.tap``: against a standard normal prior, or against the same tap on a batch of the
+task's unlabelled target stream. The target stream follows the same rule as the source (its order a pure function
+of the seed and its epoch, its position of the step), and so do the OT term's random directions and prior samples,
+so resume stays exact without extra checkpoint state. Under DDP the OT term is computed on each process's shards
+(a minibatch OT estimate on smaller batches): the run equals a single-process one whose micro-batches are those
+shards (``batch_size / world``, ``grad_accum × world``). Without ``ot`` no hook is ever
+registered.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from lorakit.formats import save
 from lorakit.adapter import Adapter
 from lorakit.inject import extract, freeze_except, inject, trainable_parameters, trained_tensors
 from lorakit.layers.base import LoraFactors
+from lorakit.regularizers import OTConfig, ot_loss, tap
 from lorakit.train import report
 from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.train.config import ConfigError, TrainConfig
@@ -65,6 +75,8 @@ class TrainResult:
     plot: Path
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = None
+    """The trained model (base + adapter layers, or fully trained for ``lora.full_finetune``)."""
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -159,6 +171,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         raise ConfigError(f"config field 'optim.batch_size': {len(task.train_set)} training examples are fewer than "
                           f"one step's batch_size x grad_accum = {per_step}")
     total = o.max_steps or o.epochs * steps_per_epoch
+    target = _TargetStream.build(cfg, task, dist.world) if cfg.ot is not None and cfg.ot.pair == "domain" else None
+    if cfg.ot is not None:
+        _check_tap(cfg.ot, model, task)
 
     history = report.read_metrics(run_dir / "metrics.jsonl") if resume else []
     state: dict[str, Any] = {"best": None, "base_metrics": None}
@@ -205,7 +220,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     if reporter and dist.main:
         reporter.start(total, start)
     local = o.batch_size // dist.world
-    seen, window_loss, window_t = 0, 0.0, time.perf_counter()
+    seen, window_loss, window_ot, window_t = 0, 0.0, 0.0, time.perf_counter()
     for step in range(start, total):
         epoch, offset = divmod(step, steps_per_epoch)
         idx = order(len(task.train_set), cfg.run.seed, epoch, task.lengths, per_step)
@@ -215,7 +230,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         # this process's contiguous shard of each global micro-batch of the step
         starts = [(offset * o.grad_accum + micro) * o.batch_size + dist.rank * local for micro in range(o.grad_accum)]
         shards = [[task.train_set[i] for i in idx[first:first + local]] for first in starts]
-        loss_value = dist.mean(_forward_backward(task, net, shards, cfg.run.precision, dist.world))
+        target_shards = target.shards(step, dist.rank) if target is not None else None
+        loss_local, ot_local = _forward_backward(task, net, shards, cfg.run.precision, dist.world,
+                                                 _OTStep(cfg.ot, model, target_shards, step, cfg.run.seed,
+                                                        dist.rank, dist.world)
+                                                 if cfg.ot is not None else None)
+        loss_value = dist.mean(loss_local)
         if not math.isfinite(loss_value):
             last = latest_checkpoint(run_dir)
             raise TrainingDivergedError(f"loss is {loss_value} at step {step + 1} (epoch {epoch}); stopped. "
@@ -228,16 +248,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         optimizer.zero_grad(set_to_none=True)
         seen += per_step
         window_loss += loss_value
+        if cfg.ot is not None:
+            window_ot += dist.mean(ot_local)
         done = step + 1
         if done % cfg.run.log_every == 0 or done == total:
             now = time.perf_counter()
             steps_in_window = seen // per_step
             record = {"kind": "train", "step": done, "epoch": epoch, "loss": window_loss / steps_in_window,
                       "lr": optimizer.param_groups[0]["lr"], "examples_per_s": seen / max(now - window_t, 1e-9)}
+            if cfg.ot is not None:  # ``loss`` is the total; the task loss is the difference
+                record["ot_loss"] = window_ot / steps_in_window
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             history.append(record)
-            seen, window_loss, window_t = 0, 0.0, now
+            seen, window_loss, window_ot, window_t = 0, 0.0, 0.0, now
             if reporter and dist.main:
                 reporter.step(done, record)
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total:
@@ -262,20 +286,116 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     if reporter and dist.main:
         reporter.end()
     return TrainResult(run_dir, total, state["base_metrics"], final, state["best"] or {}, task.metric, n_train,
-                       n_total, last_path, best_path, run_dir / "plot.png", time.perf_counter() - t0, history)
+                       n_total, last_path, best_path, run_dir / "plot.png", time.perf_counter() - t0, history,
+                       model if dist.main else None)
 
 
-def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], precision: str, world: int) -> float:
+#: Offset between the seeds of the source and the target orders, so the two streams are not shuffled alike.
+TARGET_SEED_OFFSET = 500_009
+
+
+@dataclass
+class _TargetStream:
+    """Unlabelled target inputs for ``ot.pair: domain``: per optimiser step, one micro-batch per source micro-batch,
+    in an order that is a pure function of ``(seed, target epoch)``, like the source order."""
+
+    items: Sequence[Any]
+    batch_size: int
+    grad_accum: int
+    world: int
+    seed: int
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, task: Task, world: int) -> _TargetStream:
+        if not task.target_set or task.collate_inputs is None or task.forward is None:
+            raise ConfigError(f"config field 'data.target': task {cfg.task!r} has no unlabelled target stream "
+                              "(ot.pair is 'domain')")
+        size = cfg.data.target.batch_size or cfg.optim.batch_size  # type: ignore[union-attr]
+        if size % world:
+            raise ConfigError(f"config field 'data.target.batch_size': {size} is not divisible by {world} processes")
+        if len(task.target_set) < size * cfg.optim.grad_accum:
+            raise ConfigError(f"config field 'data.target.rows': {len(task.target_set)} target examples are fewer "
+                              f"than one step's batch_size x grad_accum = {size * cfg.optim.grad_accum}")
+        return cls(task.target_set, size, cfg.optim.grad_accum, world, cfg.run.seed + TARGET_SEED_OFFSET)
+
+    def shards(self, step: int, rank: int) -> list[list[Any]]:
+        """This process's shard of each target micro-batch of optimiser step ``step``."""
+        per_step = self.batch_size * self.grad_accum
+        epoch, offset = divmod(step, len(self.items) // per_step)
+        idx = order(len(self.items), self.seed, epoch)
+        local = self.batch_size // self.world
+        starts = [(offset * self.grad_accum + micro) * self.batch_size + rank * local
+                  for micro in range(self.grad_accum)]
+        return [[self.items[i] for i in idx[first:first + local]] for first in starts]
+
+
+@dataclass
+class _OTStep:
+    """What the OT term of one optimiser step needs besides the source batch."""
+
+    cfg: OTConfig
+    model: nn.Module
+    """The bare model (not the DDP wrapper): taps use its paths, and the target pass goes through it directly."""
+    target_shards: list[list[Any]] | None
+    step: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+    def generator(self, micro: int) -> torch.Generator:
+        """The RNG of the random directions / prior samples: a pure function of seed, step and the shard's place in
+        the step, so a resumed run draws the same ones. The place counts shards as a single process with
+        ``grad_accum × world`` micro-batches of one shard each would (``micro·world + rank``): a DDP run then draws
+        exactly what that single-process run draws for the same examples."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 4096 + micro * self.world
+                                             + self.rank)
+
+
+def _check_tap(cfg: OTConfig, model: nn.Module, task: Task) -> None:
+    try:
+        model.get_submodule(cfg.tap)
+    except AttributeError:
+        raise ConfigError(f"config field 'ot.tap': no module {cfg.tap!r} in {type(model).__name__}") from None
+    if cfg.divergence == "deepjdot" and task.forward is None:
+        raise ConfigError("config field 'ot.divergence': deepjdot needs target predictions, which this task does "
+                          "not provide")
+
+
+def _task_and_ot_loss(task: Task, net: nn.Module, batch: dict[str, Any], ot: _OTStep, micro: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task loss on the source batch and the OT term between its tapped features and the prior or the target
+    micro-batch ``micro``'s features. Target inputs carry no labels: only their features and logits are used."""
+    with tap(ot.model, ot.cfg.tap) as source:
+        loss = task.loss(net, batch)
+    target_feats = target_logits = None
+    if ot.cfg.pair == "domain":
+        inputs = task.collate_inputs(ot.target_shards[micro])  # type: ignore[misc,index]
+        with tap(ot.model, ot.cfg.tap) as target:
+            target_logits = task.forward(ot.model, inputs).float()  # type: ignore[misc]
+        target_feats = target[-1].float()
+    term = ot_loss(ot.cfg, source[-1].float(), target_feats, ot.step, source_labels=batch.get("labels"),
+                   target_logits=target_logits, generator=ot.generator(micro))
+    return loss, term
+
+
+def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], precision: str, world: int,
+                      ot: _OTStep | None = None) -> tuple[float, float]:
     """Accumulate the gradients of the micro-batches ``shards`` (DDP syncs on the last only); return the step's
-    mean loss on this process."""
-    loss_sum = 0.0
+    mean total loss and mean OT term on this process."""
+    loss_sum = ot_sum = 0.0
     for n, shard in enumerate(shards):
         sync = world == 1 or n == len(shards) - 1
         with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(precision):
-            loss = task.loss(net, task.collate(shard)) / len(shards)
+            batch = task.collate(shard)
+            if ot is None:
+                loss = task.loss(net, batch) / len(shards)
+            else:
+                task_loss, term = _task_and_ot_loss(task, net, batch, ot, n)
+                loss = (task_loss + term) / len(shards)
+                ot_sum += float(term.detach()) / len(shards)
         loss.backward()
         loss_sum += float(loss.detach())
-    return loss_sum
+    return loss_sum, ot_sum
 
 
 def _train_mode(model: nn.Module) -> None:

@@ -29,6 +29,11 @@ class Task:
         predict: optional ``predict(model, texts)`` → one label (or text) per input, for ``lorakit predict``.
         lengths: optional size of each training example; when given, batches group examples of similar length
             (less padding, same examples per epoch).
+        target_set: optional unlabelled target-domain inputs (no labels in them), drawn alongside each source batch
+            when the config's ``ot`` pairs source with target (``pair: domain``).
+        collate_inputs: list of target inputs → batch of inputs only (no ``labels`` key); needed with ``target_set``.
+        forward: ``forward(model, batch)`` → the model's logits (N, K) on an input batch; the target pass (and
+            DeepJDOT's target predictions) use it.
     """
 
     model: nn.Module
@@ -42,12 +47,15 @@ class Task:
     base_model: str
     predict: Callable[[nn.Module, list[str]], list[Any]] | None = None
     lengths: Sequence[int] | None = None
+    target_set: Sequence[Any] | None = None
+    collate_inputs: Callable[[list[Any]], dict[str, Tensor]] | None = None
+    forward: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
 
 
 def build_task(cfg) -> Task:
     """The :class:`Task` named by ``cfg.task``."""
-    from lorakit.train.tasks import causal_lm, image_classification, text_classification
+    from lorakit.train.tasks import autoencoder, causal_lm, fashion_mnist, image_classification, text_classification
 
     builders = {"text-classification": text_classification.build, "image-classification": image_classification.build,
-                "causal-lm": causal_lm.build}
+                "causal-lm": causal_lm.build, "fashion-mnist": fashion_mnist.build, "autoencoder": autoencoder.build}
     return builders[cfg.task](cfg)
