@@ -12,6 +12,7 @@ family    blocks                                                      source
 ``bert``  ``EMB``, ``L00…``, ``HEAD``                                  ``encoder.layer.N``
 ``gpt2``  ``EMB``, ``L00…``, ``HEAD``                                  ``h.N``
 ``llama`` ``EMB``, ``L00…``, ``HEAD``                                  ``layers.N``
+``taef2`` ``DEC0…DEC3``, ``ENC0…ENC3``                                resolution levels of TAEF2
 ========  =========================================================  ========================================
 
 A path that belongs to no block of the family maps to :data:`OTHER`.
@@ -24,11 +25,12 @@ from collections.abc import Iterable
 
 from lorakit.blocks.lbw import PRESETS_17, VOCABULARIES, format_lbw, parse_lbw, vocabulary
 from lorakit.blocks.select import Selector
+from lorakit.blocks.taef2 import TAEF2_BLOCKS, is_taef2, taef2_block
 from lorakit.blocks.text import num_layers, text_block, text_vocabulary
 from lorakit.blocks.unet import BLORA_CONTENT, BLORA_STYLE, blora_block, sd15_block, sdxl_block
 from lorakit.errors import LorakitError
 
-FAMILIES = ("sd15", "sdxl", "blora", "bert", "gpt2", "llama")
+FAMILIES = ("sd15", "sdxl", "blora", "bert", "gpt2", "llama", "taef2")
 #: Block name of paths outside every block of a family.
 OTHER = "OTHER"
 
@@ -43,6 +45,8 @@ def block_of(path: str, family: str) -> str:
         found = blora_block(path)
     elif family in ("bert", "gpt2", "llama"):
         found = text_block(path, family)
+    elif family == "taef2":
+        found = taef2_block(path)
     else:
         raise LorakitError(f"unknown block family {family!r} (known: {', '.join(FAMILIES)})")
     return found or OTHER
@@ -58,6 +62,8 @@ def block_vocabulary(family: str, paths: Iterable[str] = ()) -> tuple[str, ...]:
         return ("content", "style", OTHER)
     if family in ("bert", "gpt2", "llama"):
         return (*text_vocabulary(num_layers(list(paths), family)), OTHER)
+    if family == "taef2":
+        return (*TAEF2_BLOCKS, OTHER)
     raise LorakitError(f"unknown block family {family!r} (known: {', '.join(FAMILIES)})")
 
 
@@ -71,7 +77,7 @@ def group_by_block(paths: Iterable[str], family: str) -> dict[str, list[str]]:
 
 
 def detect_family(paths: Iterable[str]) -> str:
-    """Guess the family from module paths: SD UNet trees first, then BERT, GPT-2, Llama-style layer lists.
+    """Guess the family from module paths: SD UNet trees first, then BERT, GPT-2, Llama-style layer lists, TAEF2.
 
     Raises:
         LorakitError: no family fits.
@@ -85,6 +91,8 @@ def detect_family(paths: Iterable[str]) -> str:
     for fam in ("bert", "gpt2", "llama"):
         if num_layers(paths, fam):
             return fam
+    if is_taef2(paths):
+        return "taef2"
     raise LorakitError("cannot tell the block family of this adapter; pass one of " + ", ".join(FAMILIES))
 
 
