@@ -10,9 +10,8 @@ import torch
 import yaml
 
 import lorakit as lk
-from lorakit.formats.safetensors_io import write_safetensors
 from lorakit.models import fashion_ae
-from lorakit.models.fashion_ae import LATENT_DIM, FashionAE, pretrain_config, pretrained_fashion_ae
+from lorakit.models.fashion_ae import LATENT_DIM, FashionAE, pretrain_config
 from lorakit.models.hub import data_root
 from lorakit.regularizers import OTConfig, ot_loss, sliced_wasserstein, tap
 from lorakit.train import TrainConfig, train
@@ -40,19 +39,6 @@ def test_every_weight_layer_is_a_lora_target() -> None:
     model = FashionAE()
     weights = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert lk.find_targets(model, ["encoder.*", "decoder.*"]) == weights and len(weights) == 8
-
-
-def test_pretrained_reads_the_cache_and_never_trains_when_told(tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(FileNotFoundError, match="no pretrained"):
-        pretrained_fashion_ae(tmp_path, train_if_missing=False)
-    torch.manual_seed(1)
-    saved = FashionAE()
-    write_safetensors(saved.state_dict(), tmp_path / fashion_ae._recipe_name())
-    monkeypatch.setattr(fashion_ae, "_pretrain", lambda path: pytest.fail("trained although cached"))
-    loaded = pretrained_fashion_ae(tmp_path)
-    assert not loaded.training
-    for k, v in saved.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[k], v)
 
 
 def test_pretraining_config_file_is_the_recipe() -> None:

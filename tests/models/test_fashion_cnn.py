@@ -1,15 +1,10 @@
-"""FashionCNN: shapes, and the cached pretrained weights (read without training, refused when absent)."""
+"""FashionCNN: shapes and the features tap (its cached pretrained weights: test_cache.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
-from lorakit.formats.safetensors_io import write_safetensors
-from lorakit.models import fashion_cnn
-from lorakit.models.fashion_cnn import FEATURE_DIM, FashionCNN, pretrained_fashion_cnn
+from lorakit.models.fashion_cnn import FEATURE_DIM, FashionCNN
 
 
 def test_shapes_and_embed_is_the_features_tap() -> None:
@@ -20,15 +15,3 @@ def test_shapes_and_embed_is_the_features_tap() -> None:
     torch.testing.assert_close(model.head(model.embed(x)), model(x))
 
 
-def test_pretrained_reads_the_cache_and_never_trains_when_told(tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(FileNotFoundError, match="no pretrained"):
-        pretrained_fashion_cnn(tmp_path, train_if_missing=False)
-    torch.manual_seed(1)
-    saved = FashionCNN()
-    write_safetensors(saved.state_dict(), tmp_path / fashion_cnn._recipe_name())
-    monkeypatch.setattr(fashion_cnn, "_pretrain", lambda path: pytest.fail("trained although cached"))
-    monkeypatch.setenv(fashion_cnn.CACHE_ENV, str(tmp_path))
-    loaded = pretrained_fashion_cnn()
-    assert not loaded.training
-    for k, v in saved.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[k], v)

@@ -5,9 +5,7 @@ The real-weight tests are skipped, with the reason, when the shared data folder 
 
 from __future__ import annotations
 
-import io
 import math
-import tarfile
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from lorakit.models.style import (InkDuotone, fit_decoder, images_to_tensor, ink
                                   psnr)
 from lorakit.models.taef2 import TAEF2, load_taef2
 from lorakit.ops.control import block_strengths, set_block_strengths
+from lorakit.train.data import read_cifar10_jpg
 
 ROOT = data_root()
 needs = lambda sub: pytest.mark.skipif(not (ROOT / sub).is_dir(),
@@ -85,26 +84,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _first_cifar_test_images(n: int) -> np.ndarray:
-    """The first ``n`` CIFAR-10 test JPEGs in tar order, (n, 32, 32, 3) uint8 (reading all 10,000 takes seconds)."""
-    from PIL import Image
-
-    images = []
-    with tarfile.open(ROOT / "cifar10-jpg" / "cifar10-test-jpg.tar.gz") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
-                    images.append(np.asarray(im.convert("RGB")))
-                if len(images) == n:
-                    break
-    return np.stack(images)
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A TAEF2 whose decoder LoCon was trained 8 steps on 16 real CIFAR test images at 32 px, with its data."""
     torch.manual_seed(0)
-    x = images_to_tensor(_first_cifar_test_images(16))
+    x = images_to_tensor(read_cifar10_jpg("test", limit=16)[0])
     y = ink_duotone(x)
     model = load_taef2()
     with torch.no_grad():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +11,7 @@ import lorakit
 from lorakit.errors import FileFormatError
 from lorakit.models.hub import data_root
 from lorakit.models.taef2 import TAEF2, load_taef2, taef2_weights_dir
+from lorakit.train.data import read_cifar10_jpg
 
 needs_weights = pytest.mark.skipif(not (taef2_weights_dir() / "taef2_encoder.pth").is_file(),
                                    reason=f"TAEF2 weights not found under {taef2_weights_dir()} (set LORAKIT_DATA)")
@@ -22,17 +20,8 @@ CIFAR_TEST = data_root() / "cifar10-jpg" / "cifar10-test-jpg.tar.gz"
 
 def _cifar_128(n: int) -> torch.Tensor:
     """The first ``n`` CIFAR-10 test JPEGs, bilinearly upsampled to 128×128: (n, 3, 128, 128) in [0, 1]."""
-    from PIL import Image
-
-    images = []
-    with tarfile.open(CIFAR_TEST) as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
-                    images.append(np.asarray(im.convert("RGB")))
-                if len(images) == n:
-                    break
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    images, _ = read_cifar10_jpg("test", limit=n)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     return F.interpolate(x, size=128, mode="bilinear", align_corners=False).clamp(0, 1)
 
 

@@ -45,3 +45,34 @@ def tiny_lm_config(corpus: Path, out_dir: Path, **optim) -> TrainConfig:
            "optim": {"lr": 5e-3, "batch_size": 4, "warmup_steps": 2, "max_steps": 6, **optim},
            "run": {"out_dir": str(out_dir), "seed": 3, "log_every": 1, "eval_before": False}}
     return TrainConfig.from_dict(raw)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt:
+    """A reporter that interrupts the run after optimiser step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def start(self, total_steps: int, start_step: int) -> None: ...
+    def evaluated(self, step: int, metrics: dict) -> None: ...
+    def end(self) -> None: ...
+
+    def step(self, step: int, record: dict) -> None:
+        if step == self.at:
+            raise _Interrupt
+
+
+@pytest.fixture
+def interrupt_after():
+    """``interrupt_after(cfg, step)`` trains ``cfg`` and stops it after ``step``, as a killed job would stop."""
+    from lorakit.train import train
+
+    def run(cfg: TrainConfig, step: int) -> None:
+        with pytest.raises(_Interrupt):
+            train(cfg, reporter=_StopAt(step))
+
+    return run

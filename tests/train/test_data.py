@@ -37,6 +37,8 @@ def test_cifar_jpegs_and_pretrained_resnet20() -> None:
     x, y = read_cifar10_jpg("test")
     assert x.shape == (10_000, 32, 32, 3) and x.dtype == np.uint8
     assert np.bincount(y).tolist() == [1000] * 10
+    head, head_y = read_cifar10_jpg("test", limit=7)  # the first images in tar order, without decoding the rest
+    assert np.array_equal(head, x[:7]) and np.array_equal(head_y, y[:7])
     model = resnet20_cifar10().eval()  # weights_only=True, strict=True
     assert sum(p.numel() for p in model.parameters()) == 269_722
     keep = subset(len(y), 500, seed=0)

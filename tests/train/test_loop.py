@@ -44,33 +44,13 @@ def test_run_writes_its_records(tiny_lm, tmp_path: Path) -> None:
     assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-class Interrupt(Exception):
-    pass
-
-
-class StopAt:
-    """A reporter that interrupts the run after ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.at = step
-
-    def start(self, total_steps: int, start_step: int) -> None: ...
-    def evaluated(self, step: int, metrics: dict) -> None: ...
-    def end(self) -> None: ...
-
-    def step(self, step: int, record: dict) -> None:
-        if step == self.at:
-            raise Interrupt
-
-
-def test_resume_gives_the_same_adapter(tiny_lm, tmp_path: Path) -> None:
+def test_resume_gives_the_same_adapter(tiny_lm, tmp_path: Path, interrupt_after) -> None:
     opts = {"grad_accum": 2, "lora_plus_ratio": 4.0}
     full = train(tiny_lm(tmp_path / "full", **opts), reporter=None)
     cfg = tiny_lm(tmp_path / "cut", **opts)
     cfg.run.checkpoint_every = 3
     torch.manual_seed(1234)  # a different global RNG state before the first part: resume must not depend on it
-    with pytest.raises(Interrupt):
-        train(cfg, reporter=StopAt(5))
+    interrupt_after(cfg, 5)
     assert json.loads((tmp_path / "cut/checkpoints/latest.json").read_text())["step"] == 3
     torch.manual_seed(999)
     resumed = train(cfg, resume=True)

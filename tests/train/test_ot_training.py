@@ -104,33 +104,15 @@ def test_ot_term_is_logged_and_changes_training(tmp_path: Path, ot: dict, plain)
     assert "target_accuracy" in with_ot.final_metrics and with_ot.metric == "accuracy"
 
 
-class Interrupt(Exception):
-    pass
-
-
-class StopAt:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def start(self, total: int, start: int) -> None: ...
-    def evaluated(self, step: int, metrics: dict) -> None: ...
-    def end(self) -> None: ...
-
-    def step(self, step: int, record: dict) -> None:
-        if step == self.at:
-            raise Interrupt
-
-
 @pytest.mark.parametrize("divergence", ["sliced", "deepjdot"])
-def test_resume_with_ot_gives_the_same_adapter(tmp_path: Path, divergence: str) -> None:
+def test_resume_with_ot_gives_the_same_adapter(tmp_path: Path, divergence: str, interrupt_after) -> None:
     ot = {"divergence": divergence, "weight": 2.0, "warmup_steps": 2}
     opts = {"grad_accum": 2, "max_steps": 6}
     full = train(tiny(tmp_path / "full", ot, **opts))
     cfg = tiny(tmp_path / "cut", ot, **opts)
     cfg.run.checkpoint_every = 3
     torch.manual_seed(1234)  # resume must not depend on the global RNG
-    with pytest.raises(Interrupt):
-        train(cfg, reporter=StopAt(5))
+    interrupt_after(cfg, 5)
     torch.manual_seed(999)
     resumed = train(cfg, resume=True)
     a, b = lk.load(full.adapter_last), lk.load(resumed.adapter_last)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 #: Size of the latent code z.
 LATENT_DIM = 8
-#: File name stem of the cached pretrained weights inside :func:`lorakit.models.fashion_cnn.cache_dir`.
+#: File name stem of the cached pretrained weights inside :func:`lorakit.models.cache.cache_dir`.
 WEIGHTS_STEM = "fashion-ae"
 #: Bumped whenever the architecture changes, so cached weights of an older one are never loaded.
 ARCH_VERSION = 1
@@ -102,7 +102,7 @@ def pretrained_fashion_ae(cache: str | Path | None = None, *, train_if_missing: 
     atomically with their validation figures in the metadata. About a minute or two on two CPU cores.
 
     Args:
-        cache: folder of the cached weights; default :func:`lorakit.models.fashion_cnn.cache_dir`.
+        cache: folder of the cached weights; default :func:`lorakit.models.cache.cache_dir`.
         train_if_missing: train (and cache) the weights when the file is absent; otherwise raise.
 
     Returns:
@@ -111,18 +111,10 @@ def pretrained_fashion_ae(cache: str | Path | None = None, *, train_if_missing: 
     Raises:
         FileNotFoundError: the weights are absent and ``train_if_missing`` is False.
     """
-    from lorakit.formats.safetensors_io import read_safetensors
-    from lorakit.models.fashion_cnn import cache_dir
+    from lorakit.models.cache import load_or_pretrain
 
-    path = (Path(cache) if cache is not None else cache_dir()) / _recipe_name()
-    if not path.is_file():
-        if not train_if_missing:
-            raise FileNotFoundError(f"{path}: no pretrained Fashion-MNIST autoencoder weights (train_if_missing=False)")
-        _pretrain(path)
-    tensors, _ = read_safetensors(path)
-    model = FashionAE()
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    return load_or_pretrain(FashionAE(), _recipe_name(), cache, train_if_missing, _pretrain,
+                            "Fashion-MNIST autoencoder")
 
 
 def _pretrain(path: Path) -> None:

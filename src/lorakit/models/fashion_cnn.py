@@ -11,16 +11,15 @@ whatever adaptation happens is the adapter's.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 from torch import Tensor, nn
 
+from lorakit.models.cache import load_or_pretrain
+
 #: Width of the tapped feature layer.
 FEATURE_DIM = 128
-#: Environment variable naming the folder of cached pretrained weights.
-CACHE_ENV = "LORAKIT_CACHE"
 #: File name of the cached weights inside the cache folder.
 WEIGHTS_FILE = "fashion-cnn.safetensors"
 #: Bumped whenever the architecture changes, so cached weights of an older one are never loaded.
@@ -54,18 +53,6 @@ class FashionCNN(nn.Module):
         return self.head(self.embed(x))
 
 
-def cache_dir() -> Path:
-    """Where pretrained weights are cached: ``$LORAKIT_CACHE``, else ``runs/pretrained`` of the checkout that holds
-    this package (source layout), else ``~/.cache/lorakit``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    root = Path(__file__).resolve().parents[3]
-    if (root / "pyproject.toml").is_file():
-        return root / "runs" / "pretrained"
-    return Path.home() / ".cache" / "lorakit"
-
-
 def _recipe_name() -> str:
     r = RECIPE
     return f"{WEIGHTS_FILE.removesuffix('.safetensors')}-v{ARCH_VERSION}-s{r['seed']}-n{r['steps']}.safetensors"
@@ -90,18 +77,7 @@ def pretrained_fashion_cnn(cache: str | Path | None = None, *, train_if_missing:
     Raises:
         FileNotFoundError: the weights are absent and ``train_if_missing`` is False.
     """
-    from lorakit.formats.safetensors_io import read_safetensors
-
-    path = Path(cache) if cache is not None else cache_dir()
-    path = path / _recipe_name()
-    if not path.is_file():
-        if not train_if_missing:
-            raise FileNotFoundError(f"{path}: no pretrained Fashion-MNIST CNN weights (train_if_missing=False)")
-        _pretrain(path)
-    tensors, _ = read_safetensors(path)
-    model = FashionCNN()
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    return load_or_pretrain(FashionCNN(), _recipe_name(), cache, train_if_missing, _pretrain, "Fashion-MNIST CNN")
 
 
 def _pretrain(path: Path) -> None:

@@ -69,8 +69,12 @@ def read_rt_polarity(split: str, eval_share: float = 0.1, seed: int = 0) -> list
     return rows[cut:] if split == "train" else rows[:cut]
 
 
-def read_cifar10_jpg(split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10_jpg(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 JPEG re-encodings read straight from the tarball.
+
+    Args:
+        split: ``train`` or ``test``.
+        limit: read only the first ``limit`` images (decoding all 10,000 test images takes seconds).
 
     Returns:
         images: (N, 32, 32, 3) uint8, RGB; labels: (N,) int64. Members are in tar order.
@@ -80,6 +84,7 @@ def read_cifar10_jpg(split: str) -> tuple[np.ndarray, np.ndarray]:
     path = data_root() / "cifar10-jpg" / f"cifar10-{'train' if split == 'train' else 'test'}-jpg.tar.gz"
     if not path.is_file():
         rows = _hub("cifar10", split="train" if split == "train" else "test")
+        rows = rows if limit is None else rows.select(range(min(limit, len(rows))))
         return (np.stack([np.asarray(r["img"].convert("RGB")) for r in rows]),
                 np.array([int(r["label"]) for r in rows], dtype=np.int64))
     images, labels = [], []
@@ -94,6 +99,8 @@ def read_cifar10_jpg(split: str) -> tuple[np.ndarray, np.ndarray]:
             img = Image.open(io.BytesIO(data)).convert("RGB")
             images.append(np.asarray(img, dtype=np.uint8))
             labels.append(CIFAR10_CLASSES.index(cls))
+            if len(images) == limit:
+                break
     if not images:
         raise DataError(f"{path}: no JPEG members found")
     return np.stack(images), np.array(labels, dtype=np.int64)

@@ -1,0 +1,44 @@
+"""Pretrained weights trained on first use: read from the cache folder, never retrained when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.formats.safetensors_io import write_safetensors
+from lorakit.models import cache, fashion_ae, fashion_cnn
+
+
+@pytest.mark.parametrize("module, load, cls", [
+    (fashion_cnn, fashion_cnn.pretrained_fashion_cnn, fashion_cnn.FashionCNN),
+    (fashion_ae, fashion_ae.pretrained_fashion_ae, fashion_ae.FashionAE),
+])
+def test_pretrained_reads_the_cache_and_never_trains_when_told(module, load, cls, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    with pytest.raises(FileNotFoundError, match="no pretrained"):
+        load(tmp_path, train_if_missing=False)
+    torch.manual_seed(1)
+    saved = cls()
+    write_safetensors(saved.state_dict(), tmp_path / module._recipe_name())
+    monkeypatch.setattr(module, "_pretrain", lambda path: pytest.fail("trained although cached"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))  # the default folder follows $LORAKIT_CACHE
+    loaded = load()
+    assert not loaded.training
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_a_missing_file_is_pretrained_once_then_read(tmp_path: Path) -> None:
+    calls = []
+
+    def pretrain(path: Path) -> None:
+        calls.append(path)
+        write_safetensors({"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, path)
+
+    first = cache.load_or_pretrain(torch.nn.Linear(3, 2), "lin.safetensors", tmp_path, True, pretrain, "linear")
+    second = cache.load_or_pretrain(torch.nn.Linear(3, 2), "lin.safetensors", tmp_path, True, pretrain, "linear")
+    assert calls == [tmp_path / "lin.safetensors"]
+    torch.testing.assert_close(second.weight, first.weight)
+    assert float(first.weight.detach().sum()) == 6.0 and not first.training
