@@ -47,7 +47,8 @@ from lorakit.regularizers import frechet_distance, mmd, sliced_wasserstein  # no
 from lorakit.train import TrainConfig, train  # noqa: E402
 from lorakit.train.config import apply_overrides  # noqa: E402
 from lorakit.train.data import read_fashion_mnist  # noqa: E402
-from lorakit.train.tasks.autoencoder import BASE_CLASSES, NEW_CLASSES, class_images, pixels  # noqa: E402
+from lorakit.train.tasks.autoencoder import BASE_CLASSES, NEW_CLASSES, class_images  # noqa: E402
+from lorakit.train.tasks.fashion_mnist import pixels  # noqa: E402
 
 RUNS = ROOT / "runs" / "prior-matching"
 SEEDS = (0, 1, 2)

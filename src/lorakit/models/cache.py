@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from torch import nn
 
-from lorakit.formats.safetensors_io import read_safetensors
+from lorakit.formats.safetensors_io import read_safetensors, write_safetensors
 
 #: Environment variable naming the cache folder.
 CACHE_ENV = "LORAKIT_CACHE"
@@ -45,3 +47,24 @@ def load_or_pretrain(model: M, file_name: str, cache: str | Path | None, train_i
     tensors, _ = read_safetensors(path)
     model.load_state_dict(tensors, strict=True)
     return model.eval()
+
+
+def pretrain_and_save(path: Path, config: Callable[[str], dict], recipe: dict, trained_by: str) -> None:
+    """Train from scratch with lorakit's own loop and write the model's weights to ``path`` (atomically).
+
+    Args:
+        path: the safetensors file to write.
+        config: run folder → the training config mapping (a full fine-tuning run of one process).
+        recipe: what names the weights (seed, steps, …), kept in the metadata beside ``val_<metric>`` figures.
+        trained_by: the function that asked, for the metadata.
+    """
+    from lorakit.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory(prefix="lorakit-pretrain-") as run_dir:
+        result = train(TrainConfig.from_dict(config(run_dir)))
+    assert result.model is not None  # single process
+    tensors = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    metadata = {"recipe": json.dumps(recipe, sort_keys=True), "trained_by": trained_by,
+                **{f"val_{k}": f"{v:.6f}" for k, v in result.final_metrics.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, path, metadata)

@@ -17,12 +17,12 @@ that would shift with a new data set on their own.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from lorakit.models.cache import load_or_pretrain, pretrain_and_save
 
 #: Size of the latent code z.
 LATENT_DIM = 8
@@ -111,22 +111,10 @@ def pretrained_fashion_ae(cache: str | Path | None = None, *, train_if_missing: 
     Raises:
         FileNotFoundError: the weights are absent and ``train_if_missing`` is False.
     """
-    from lorakit.models.cache import load_or_pretrain
-
     return load_or_pretrain(FashionAE(), _recipe_name(), cache, train_if_missing, _pretrain,
                             "Fashion-MNIST autoencoder")
 
 
 def _pretrain(path: Path) -> None:
     """Train FashionAE from scratch with the :data:`RECIPE` through the training loop and save it to ``path``."""
-    from lorakit.formats.safetensors_io import write_safetensors
-    from lorakit.train import TrainConfig, train
-
-    with tempfile.TemporaryDirectory(prefix="fashion-ae-") as run_dir:
-        result = train(TrainConfig.from_dict(pretrain_config(run_dir)))
-    assert result.model is not None  # single process
-    tensors = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
-    metadata = {"recipe": json.dumps(RECIPE, sort_keys=True), "trained_by": "lorakit.models.fashion_ae",
-                **{f"val_{k}": f"{v:.6f}" for k, v in result.final_metrics.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, path, metadata)
+    pretrain_and_save(path, pretrain_config, RECIPE, "lorakit.models.fashion_ae.pretrained_fashion_ae")

@@ -11,12 +11,11 @@ whatever adaptation happens is the adapter's.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from lorakit.models.cache import load_or_pretrain
+from lorakit.models.cache import load_or_pretrain, pretrain_and_save
 
 #: Width of the tapped feature layer.
 FEATURE_DIM = 128
@@ -68,7 +67,7 @@ def pretrained_fashion_cnn(cache: str | Path | None = None, *, train_if_missing:
     validation accuracy in the metadata. Training takes about a minute or two on two CPU cores.
 
     Args:
-        cache: folder of the cached weights; default :func:`cache_dir`.
+        cache: folder of the cached weights; default :func:`lorakit.models.cache.cache_dir`.
         train_if_missing: train (and cache) the weights when the file is absent; otherwise raise.
 
     Returns:
@@ -80,26 +79,20 @@ def pretrained_fashion_cnn(cache: str | Path | None = None, *, train_if_missing:
     return load_or_pretrain(FashionCNN(), _recipe_name(), cache, train_if_missing, _pretrain, "Fashion-MNIST CNN")
 
 
+def pretrain_config(out_dir: str | Path) -> dict:
+    """The :data:`RECIPE` as a training config mapping (task ``fashion-mnist``, model ``fashion-cnn-scratch``: random
+    weights trained fully on the source train split), running in ``out_dir``."""
+    r = RECIPE
+    return {
+        "task": "fashion-mnist", "model": {"name": "fashion-cnn-scratch", "num_labels": 10},
+        "data": {"dataset": "fashion-mnist"},
+        "lora": {"targets": [], "full_finetune": True},
+        "optim": {"lr": r["lr"], "batch_size": r["batch_size"], "max_steps": r["steps"], "warmup_steps": 50,
+                  "schedule": "cosine", "weight_decay": 0.0},
+        "run": {"out_dir": str(out_dir), "seed": r["seed"], "eval_before": False, "log_every": 100},
+    }
+
+
 def _pretrain(path: Path) -> None:
     """Train FashionCNN from scratch with the :data:`RECIPE` through the training loop and save it to ``path``."""
-    import json
-
-    from lorakit.formats.safetensors_io import write_safetensors
-    from lorakit.train import TrainConfig, train
-
-    r = RECIPE
-    with tempfile.TemporaryDirectory(prefix="fashion-cnn-") as run_dir:
-        cfg = TrainConfig.from_dict({
-            "task": "fashion-mnist", "model": {"name": "fashion-cnn-scratch", "num_labels": 10},
-            "data": {"dataset": "fashion-mnist"},
-            "lora": {"targets": [], "full_finetune": True},
-            "optim": {"lr": r["lr"], "batch_size": r["batch_size"], "max_steps": r["steps"], "warmup_steps": 50,
-                      "schedule": "cosine", "weight_decay": 0.0},
-            "run": {"out_dir": run_dir, "seed": r["seed"], "eval_before": False, "log_every": 100}})
-        result = train(cfg)
-    assert result.model is not None  # single process
-    tensors = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
-    metadata = {"recipe": json.dumps(r, sort_keys=True), "source_val_accuracy": f"{result.final_metrics['accuracy']:.4f}",
-                "trained_by": "lorakit.models.fashion_cnn.pretrained_fashion_cnn"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, path, metadata)
+    pretrain_and_save(path, pretrain_config, RECIPE, "lorakit.models.fashion_cnn.pretrained_fashion_cnn")

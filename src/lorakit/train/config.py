@@ -296,9 +296,7 @@ def _ot_section(value: Any) -> OTConfig | None:
         raise ConfigError(f"config field 'ot': expected a mapping or null, got {value!r}")
     try:
         return OTConfig.from_mapping(value)
-    except RegularizerError as e:
-        raise ConfigError(f"config field 'ot': {e}") from None
-    except TypeError as e:  # e.g. a wrong-typed value that the frozen dataclass cannot compare
+    except (RegularizerError, TypeError) as e:  # TypeError: e.g. a wrong-typed value the dataclass cannot compare
         raise ConfigError(f"config field 'ot': {e}") from None
 
 

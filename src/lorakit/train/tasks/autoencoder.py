@@ -18,7 +18,6 @@ between the validation codes and as many N(0, I) samples, fixed directions and s
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,8 +26,9 @@ from torch import Tensor, nn
 
 from lorakit.regularizers import sliced_wasserstein
 from lorakit.train.config import ConfigError, TrainConfig
-from lorakit.train.data import read_fashion_mnist, subset
+from lorakit.train.data import subset
 from lorakit.train.tasks import Task
+from lorakit.train.tasks.fashion_mnist import SPLIT_SEED, fixed_split, pixels, shared_split
 
 #: Classes the autoencoder is pretrained on (T-shirt/top, Trouser, Pullover, Dress, Coat).
 BASE_CLASSES = (0, 1, 2, 3, 4)
@@ -36,29 +36,13 @@ BASE_CLASSES = (0, 1, 2, 3, 4)
 NEW_CLASSES = (5, 6, 7, 8, 9)
 #: Train-split examples of the class set held out for validation.
 VAL = 2000
-#: Seed of the fixed split (not the run seed: every run shares it).
-SPLIT_SEED = 0
 #: Random directions of the ``prior_sw`` validation metric.
 EVAL_PROJECTIONS = 512
-
-
-@functools.lru_cache(maxsize=1)
-def _train_split() -> tuple[np.ndarray, np.ndarray]:
-    """The Fashion-MNIST train split, read once per process; read-only, since it is shared."""
-    images, labels = read_fashion_mnist("train")
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
 
 
 def class_images(images: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """The images (N, 28, 28) whose label is in ``classes``, in split order."""
     return images[np.isin(labels, classes)]
-
-
-def pixels(images: Sequence[np.ndarray] | np.ndarray) -> Tensor:
-    """Images (28, 28) uint8 → (N, 1, 28, 28) float in [0, 1], the autoencoder's input."""
-    return torch.from_numpy(np.stack(images)).unsqueeze(1).float() / 255
 
 
 def _model(cfg: TrainConfig) -> tuple[nn.Module, tuple[int, ...]]:
@@ -82,15 +66,14 @@ def _images(cfg: TrainConfig, classes: tuple[int, ...]) -> np.ndarray:
     if cfg.data.dataset != "fashion-mnist":
         raise ConfigError(f"config field 'data.dataset': task autoencoder reads 'fashion-mnist' or 'synthetic', "
                           f"got {cfg.data.dataset!r}")
-    return class_images(*_train_split(), classes)
+    return class_images(*shared_split("train"), classes)
 
 
 def build(cfg: TrainConfig) -> Task:
     model, classes = _model(cfg)
     images = _images(cfg, classes)
-    perm = np.random.default_rng(SPLIT_SEED).permutation(len(images))
     n_val = min(VAL, len(images) // 10) if cfg.data.dataset == "fashion-mnist" else (cfg.data.eval_rows or 32)
-    train_idx, val_idx = np.sort(perm[:len(images) - n_val]), np.sort(perm[len(images) - n_val:])
+    train_idx, val_idx = fixed_split(len(images), n_val)
     train = [images[i] for i in train_idx[subset(len(train_idx), cfg.data.train_rows, cfg.run.seed)]]
     evals = [images[i] for i in val_idx[:cfg.data.eval_rows]]
 

@@ -36,21 +36,22 @@ SOURCE_VAL = 5000
 SPLIT_SEED = 0
 
 
-def _permutation(n: int) -> np.ndarray:
-    return np.random.default_rng(SPLIT_SEED).permutation(n)
+def fixed_split(n: int, n_last: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (first, last) of ``n`` examples cut by a permutation with a fixed seed (:data:`SPLIT_SEED`);
+    the last part has ``n_last`` examples."""
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return np.sort(perm[:n - n_last]), np.sort(perm[n - n_last:])
 
 
 def source_split(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, validation) of a labelled split of ``n`` examples; the last :data:`SOURCE_VAL` of a fixed
-    permutation (a tenth of ``n`` when that is smaller) validate."""
-    perm, n_val = _permutation(n), min(SOURCE_VAL, n // 10)
-    return np.sort(perm[:n - n_val]), np.sort(perm[n - n_val:])
+    """Indices (train, validation) of a labelled split of ``n`` examples; :data:`SOURCE_VAL` of them (a tenth of
+    ``n`` when that is smaller) validate."""
+    return fixed_split(n, min(SOURCE_VAL, n // 10))
 
 
 def target_split(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (adaptation, evaluation) of the two fixed halves of a held-out split of ``n`` examples."""
-    perm = _permutation(n)
-    return np.sort(perm[:n // 2]), np.sort(perm[n // 2:])
+    return fixed_split(n, n - n // 2)
 
 
 def _synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,11 +70,11 @@ def _splits(cfg: TrainConfig) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.n
     if cfg.data.dataset != "fashion-mnist":
         raise ConfigError(f"config field 'data.dataset': task fashion-mnist reads 'fashion-mnist' or 'synthetic', "
                           f"got {cfg.data.dataset!r}")
-    return _read("train"), _read("test")
+    return shared_split("train"), shared_split("test")
 
 
 @functools.lru_cache(maxsize=2)
-def _read(split: str) -> tuple[np.ndarray, np.ndarray]:
+def shared_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """The split, read once per process (experiments build many tasks in a row); read-only, since it is shared."""
     images, labels = read_fashion_mnist(split)
     images.setflags(write=False)
@@ -95,8 +96,8 @@ def _model(cfg: TrainConfig) -> nn.Module:
                       f"got {cfg.model.name!r}")
 
 
-def pixels(images: Sequence[np.ndarray]) -> Tensor:
-    """Images (28, 28) uint8 → (N, 1, 28, 28) float in [0, 1], the CNN's input."""
+def pixels(images: Sequence[np.ndarray] | np.ndarray) -> Tensor:
+    """Images (28, 28) uint8 → (N, 1, 28, 28) float in [0, 1], the input of the CNN and of the autoencoder."""
     return torch.from_numpy(np.stack(images)).unsqueeze(1).float() / 255
 
 
