@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit.formats.safetensors_io import write_safetensors
+from lorakit.formats.safetensors_io import read_safetensors, write_safetensors
 from lorakit.models import cache, fashion_ae, fashion_cnn
 
 
@@ -42,3 +42,24 @@ def test_a_missing_file_is_pretrained_once_then_read(tmp_path: Path) -> None:
     assert calls == [tmp_path / "lin.safetensors"]
     torch.testing.assert_close(second.weight, first.weight)
     assert float(first.weight.detach().sum()) == 6.0 and not first.training
+
+
+def test_pretraining_runs_on_one_thread_and_restores_the_count(tmp_path: Path, monkeypatch) -> None:
+    import lorakit.train as train_module
+
+    seen = []
+
+    class Result:
+        model = torch.nn.Linear(2, 2)
+        final_metrics = {"accuracy": 0.5}
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: seen.append(torch.get_num_threads()) or Result())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache.pretrain_and_save(tmp_path / "w.safetensors", fashion_cnn.pretrain_config, {"seed": 0}, "test")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    tensors, meta = read_safetensors(tmp_path / "w.safetensors")
+    assert set(tensors) == {"weight", "bias"} and meta["val_accuracy"] == "0.500000" and meta["trained_by"] == "test"

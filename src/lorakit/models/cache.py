@@ -50,7 +50,8 @@ def load_or_pretrain(model: M, file_name: str, cache: str | Path | None, train_i
 
 
 def pretrain_and_save(path: Path, config: Callable[[str], dict], recipe: dict, trained_by: str) -> None:
-    """Train from scratch with lorakit's own loop and write the model's weights to ``path`` (atomically).
+    """Train from scratch with lorakit's own loop, on one thread, and write the model's weights to ``path``
+    (atomically).
 
     Args:
         path: the safetensors file to write.
@@ -58,10 +59,19 @@ def pretrain_and_save(path: Path, config: Callable[[str], dict], recipe: dict, t
         recipe: what names the weights (seed, steps, …), kept in the metadata beside ``val_<metric>`` figures.
         trained_by: the function that asked, for the metadata.
     """
+    import torch
+
     from lorakit.train import TrainConfig, train
 
-    with tempfile.TemporaryDirectory(prefix="lorakit-pretrain-") as run_dir:
-        result = train(TrainConfig.from_dict(config(run_dir)))
+    # The weights depend on the intra-op thread count (reductions are split differently), so pretraining always
+    # runs on one thread: the cached file is then the same whatever the caller's setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lorakit-pretrain-") as run_dir:
+            result = train(TrainConfig.from_dict(config(run_dir)))
+    finally:
+        torch.set_num_threads(threads)
     assert result.model is not None  # single process
     tensors = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
     metadata = {"recipe": json.dumps(recipe, sort_keys=True), "trained_by": trained_by,
