@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from lorakit import Adapter, ModuleLora
 from lorakit.ops import extract, extract_module, resize
@@ -86,3 +87,55 @@ def test_randomized_extract_leaves_the_global_rng_alone():
     extract_module(torch.zeros(40, 30), torch.randn(40, 30, generator=torch.Generator().manual_seed(0)),
                    "linear", rank=3)
     assert torch.equal(torch.rand(3), expected)
+
+
+def _pinned(out_f: int, n: int, s: list[float], seed: int) -> Tensor:
+    """A (out_f, n) matrix whose singular values are exactly ``s`` (random orthonormal singular vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out_f, len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return (u * torch.tensor(s, dtype=torch.float64)) @ v.T
+
+
+def test_extract_energy_counts_the_true_total_not_the_sketch():
+    # σ² = 100, 36, 9 and a tail of 40 ones: ‖ΔW‖² = 185. A 75% share needs 3 directions (136/185 = 0.735 <
+    # 0.75 ≤ 145/185 = 0.784). A sketch of width 10 + 16 holds only ≈ 168 of the 185, so normalising by the
+    # sketch (the old rule) stops at 2 directions (136/168 = 0.81) and keeps less than the share asked for.
+    delta = _pinned(60, 50, [10.0, 6.0, 3.0] + [1.0] * 40, seed=7).float()
+    m, kept = extract_module(torch.zeros(60, 50), delta, "linear", energy=0.75, max_rank=10)
+    assert m.rank == 3
+    assert kept == pytest.approx(145 / 185, abs=1e-4) and kept >= 0.75
+    base = {"x.weight": torch.zeros(60, 50)}
+    got, shares = extract(base, {"x.weight": delta}, {"x": "linear"}, energy=0.75, max_rank=10)
+    assert got["x"].rank == 3 and shares["x"] == pytest.approx(145 / 185, abs=1e-4)
+
+
+def test_extract_energy_computes_more_singular_values_when_the_sketch_falls_short():
+    # A flat spectrum and a sketch with no oversampling and no power iteration: its 6 directions hold about 12%
+    # of ‖ΔW‖² = 6·4 + 30·1 = 54, where the true top 5 hold 20/54 = 37%, so the sketch alone cannot reach 35%.
+    s = [2.0] * 6 + [1.0] * 30
+    delta = _pinned(48, 40, s, seed=8).float()
+    m, kept = extract_module(torch.zeros(48, 40), delta, "linear", energy=0.35, max_rank=6, oversample=0, niter=0)
+    total = sum(x * x for x in s)
+    assert m.rank == 5  # 4·4/54 = 0.296 < 0.35 ≤ 5·4/54 = 0.370: the smallest rank that holds the share
+    assert kept == pytest.approx(20 / total, abs=1e-4) and kept >= 0.35
+    assert float((m.delta() - delta).norm() ** 2) == pytest.approx(total * (1 - kept), rel=1e-4)
+
+
+def test_extract_energy_beyond_max_rank_keeps_max_rank_and_reports_the_shortfall(monkeypatch):
+    delta = _pinned(40, 30, [1.0] * 20, seed=9).float()
+    shapes = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, **kw: shapes.append(tuple(x.shape)) or svd(x, **kw))
+    m, kept = extract_module(torch.zeros(40, 30), delta, "linear", energy=0.9, max_rank=4)
+    assert m.rank == 4 and kept == pytest.approx(4 / 20, abs=1e-4)
+    # The sketch's residual proves 4 directions cannot hold 90% (Ky Fan): no full SVD of ΔW was run.
+    assert (40, 30) not in shapes and shapes
+
+
+@pytest.mark.parametrize("energy", [0.0, -0.1, 1.5, float("nan")])
+def test_extract_energy_out_of_range_names_the_option(energy):
+    from lorakit.errors import LorakitError
+
+    with pytest.raises(LorakitError, match="energy"):
+        extract_module(torch.zeros(4, 3), torch.ones(4, 3), "linear", energy=energy)
