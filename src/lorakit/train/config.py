@@ -8,6 +8,7 @@ actual value.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,9 +192,13 @@ def _is_number(v: object) -> bool:
     return True
 
 
+#: The spellings of ``run.device``.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 @dataclass
 class RunConfig:
-    """Where results go, how often to evaluate and checkpoint, seed and precision."""
+    """Where results go, how often to evaluate and checkpoint, seed, precision and device."""
 
     out_dir: str = "runs/run"
     """Run directory: config, metrics, plot, adapters and checkpoints."""
@@ -206,11 +211,14 @@ class RunConfig:
     log_every: int = 10
     """Write a metrics line every this many optimiser steps."""
     precision: str = "fp32"
-    """``fp32`` or ``bf16`` (autocast of the forward pass)."""
+    """``fp32`` or ``bf16`` (autocast of the forward pass on the run's device, CPU included)."""
     eval_before: bool = True
     """Evaluate the model before training (the base figure)."""
     threads: int | None = None
     """``torch.set_num_threads`` for the run (set by the CLI only); null leaves torch's default."""
+    device: str = "auto"
+    """``auto`` (``cuda:{LOCAL_RANK}`` when CUDA is available, else the CPU), ``cpu``, ``cuda`` (``cuda:{LOCAL_RANK}``)
+    or ``cuda:N``; see :mod:`lorakit.train.device`."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.out_dir, str) and bool(self.out_dir), "run.out_dir", "a directory path", self.out_dir)
@@ -223,6 +231,8 @@ class RunConfig:
         _check(self.precision in ("fp32", "bf16"), "run.precision", "'fp32' or 'bf16'", self.precision)
         _check(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1), "run.threads",
                "null or an int >= 1", self.threads)
+        _check(isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None, "run.device",
+               "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
 
 
 TASKS = ("text-classification", "image-classification", "causal-lm", "fashion-mnist", "autoencoder")

@@ -1,5 +1,8 @@
 """The one training loop shared by every task: AdamW (optionally LoRA+), warm-up schedule, gradient accumulation,
-bf16 autocast, periodic eval, best/last adapters, atomic checkpoints, exact resume and DDP.
+bf16 autocast, periodic eval, best/last adapters, atomic checkpoints, exact resume and DDP, on the CPU or a GPU.
+
+The model and every batch live on the run's device (``run.device``; by default ``cuda:{LOCAL_RANK}`` when CUDA is
+available); ``precision: bf16`` autocasts on that device's type, so it runs bf16 on the CPU too.
 
 Data order is a pure function of ``(seed, epoch)`` and the position a pure function of the optimiser step, so a
 resumed run sees exactly the batches an uninterrupted one would. Under DDP every global micro-batch is cut into
@@ -30,14 +33,17 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.formats import save
+from lorakit.formats.safetensors_io import write_safetensors
 from lorakit.adapter import Adapter
 from lorakit.inject import extract, freeze_except, inject, trainable_parameters, trained_tensors
 from lorakit.layers.base import LoraFactors
 from lorakit.regularizers import OTConfig, ot_loss, tap
 from lorakit.train import report
-from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale, rng_state, save_checkpoint,
+                                      trained_state)
 from lorakit.train.config import ConfigError, TrainConfig
-from lorakit.train.distributed import setup
+from lorakit.train.device import to_device
+from lorakit.train.distributed import Dist, setup
 from lorakit.train.tasks import Task, build_task
 
 
@@ -72,11 +78,16 @@ class TrainResult:
     total_params: int
     adapter_last: Path | None
     adapter_best: Path | None
+    """The adapter files (None for ``lora.full_finetune``, which writes ``model_last`` / ``model_best`` instead)."""
     plot: Path
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None
-    """The trained model (base + adapter layers, or fully trained for ``lora.full_finetune``)."""
+    """The trained model (base + adapter layers, or fully trained for ``lora.full_finetune``), on the run's device."""
+    model_last: Path | None = None
+    """``lora.full_finetune``: the whole trained model's state dict (``model-last.safetensors``)."""
+    model_best: Path | None = None
+    """``lora.full_finetune``: the state dict at the best evaluation (``model-best.safetensors``)."""
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -125,10 +136,14 @@ def prepare(cfg: TrainConfig) -> tuple[Task, tuple[int, int]]:
     return task, trainable_parameters(task.model)
 
 
-def _adapter_save(task: Task, cfg: TrainConfig, path: Path, meta: dict[str, Any]) -> Path | None:
-    if cfg.lora.full_finetune:
-        return None
+def _adapter_save(task: Task, cfg: TrainConfig, path: Path, meta: dict[str, Any]) -> Path:
+    """The run's result at one point: the adapter file ``adapter-<which>.safetensors``, or for a full fine-tune the
+    whole state dict as ``model-<which>.safetensors`` (written atomically). Returns the file written."""
     metadata = {"task": cfg.task, **{k: str(v) for k, v in meta.items()}}
+    if cfg.lora.full_finetune:
+        path = path.with_name(path.name.replace("adapter-", "model-", 1))
+        write_safetensors(task.model.state_dict(), path, {**metadata, "base_model": task.base_model})
+        return path
     if cfg.lora.targets:
         adapter = extract(task.model, base_model=task.base_model, targets=cfg.lora.targets, metadata=metadata)
     else:  # head-only: the file holds just the trained modules, as overrides
@@ -141,28 +156,38 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     """Run (or with ``resume``, continue) the training that ``cfg`` describes.
 
     Writes, from the main process only, into ``cfg.run.out_dir``: ``config.yaml``, ``versions.json``,
-    ``metrics.jsonl``, ``plot.png``, ``adapter-best.safetensors``, ``adapter-last.safetensors`` and
-    ``checkpoints/``.
+    ``metrics.jsonl``, ``plot.png``, ``adapter-best.safetensors``, ``adapter-last.safetensors`` (for
+    ``lora.full_finetune``: ``model-best.safetensors``, ``model-last.safetensors``) and ``checkpoints/``.
+
+    A run killed before its first complete checkpoint leaves nothing to continue: ``resume`` then starts it again
+    from step 0, and a fresh run may use its folder. Either way the kill's leftovers are removed first.
 
     Raises:
-        ConfigError: a value that only the data reveals as wrong (e.g. fewer examples than one step needs).
-        RunDirError: a fresh run into a folder that holds a run, or a resume with no checkpoint.
+        ConfigError: a value that only the data reveals as wrong (e.g. fewer examples than one step needs), or a
+            device this machine does not have.
+        RunDirError: a fresh run into a folder that holds a checkpointed run, or a resume of a folder where no run
+            was started.
         TrainingDivergedError: a NaN/inf loss (the last good checkpoint stays in place).
     """
     t0 = time.perf_counter()
-    dist = setup()
+    dist = setup(cfg.run.device)
     run_dir = Path(cfg.run.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise RunDirError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
-    if not resume and (run_dir / "checkpoints").exists():
+    ckpt = latest_checkpoint(run_dir)
+    if resume and ckpt is None and not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"{run_dir}: nothing to resume (no run was started here: no config.yaml, no "
+                          "checkpoints/latest.json)")
+    if not resume and ckpt is not None:
         raise RunDirError(f"{run_dir}: already holds a run; resume it with --resume or set run.out_dir elsewhere")
+    resume = resume and ckpt is not None  # killed before its first checkpoint: start again from step 0
+    dist.barrier()  # every process has read the folder before the main one cleans it
+    if dist.main:
+        remove_stale(run_dir)
     o = cfg.optim
     if o.batch_size % dist.world:
         raise ConfigError(f"config field 'optim.batch_size': {o.batch_size} is not divisible by {dist.world} processes")
 
     task, (n_train, n_total) = prepare(cfg)
-    model = task.model
+    model = task.model.to(dist.device)  # in place: task.model is this same module
     groups = param_groups(model, o.lr, o.lora_plus_ratio)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     per_step = o.batch_size * o.grad_accum
@@ -178,22 +203,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     history = report.read_metrics(run_dir / "metrics.jsonl") if resume else []
     state: dict[str, Any] = {"best": None, "base_metrics": None}
     start = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+    if resume:
+        state = load_checkpoint(ckpt, model, optimizer, full=cfg.lora.full_finetune, rank=dist.rank,
+                                device=dist.device)
         start = state["step"]
         history = [r for r in history if r["step"] <= start]
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         report.write_config(run_dir, cfg.to_dict())
     net: nn.Module = model
-    if dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+    if dist.distributed:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def evaluate(step: int) -> dict[str, float] | None:
         metrics = None
         if dist.main:
             model.eval()
-            with torch.no_grad(), _autocast(cfg.run.precision):
+            with torch.no_grad(), _autocast(cfg.run.precision, dist.device):
                 metrics = task.evaluate(model, task.eval_set)
             _train_mode(model)
             history.append({"kind": "eval", "step": step, **metrics})
@@ -208,9 +235,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         return best is None or (value > best[task.metric] if task.higher_is_better else value < best[task.metric])
 
     def checkpoint(step: int) -> None:
+        rngs = dist.gather(rng_state(dist.device))  # every rank's own dropout stream
         if dist.main:
-            save_checkpoint(run_dir, step, model, optimizer, {"best": state["best"], "base_metrics":
-                                                               state["base_metrics"]})
+            save_checkpoint(run_dir, step, trained_state(model, cfg.lora.full_finetune), optimizer, rngs,
+                            {"best": state["best"], "base_metrics": state["base_metrics"]})
             report.write_metrics(run_dir / "metrics.jsonl", history)
         dist.barrier()
 
@@ -231,9 +259,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         starts = [(offset * o.grad_accum + micro) * o.batch_size + dist.rank * local for micro in range(o.grad_accum)]
         shards = [[task.train_set[i] for i in idx[first:first + local]] for first in starts]
         target_shards = target.shards(step, dist.rank) if target is not None else None
-        loss_local, ot_local = _forward_backward(task, net, shards, cfg.run.precision, dist.world,
+        loss_local, ot_local = _forward_backward(task, net, shards, cfg.run.precision, dist,
                                                  _OTStep(cfg.ot, model, target_shards, step, cfg.run.seed,
-                                                        dist.rank, dist.world)
+                                                        dist.rank, dist.world, dist.device)
                                                  if cfg.ot is not None else None)
         loss_value = dist.mean(loss_local)
         if not math.isfinite(loss_value):
@@ -279,15 +307,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         if improved(final):
             state["best"] = {"step": total, **final}
             best_path = _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
-        elif not cfg.lora.full_finetune:
-            best_path = run_dir / "adapter-best.safetensors"
+        else:
+            best_path = last_path.with_name(last_path.name.replace("-last", "-best"))
         report.plot(history, task.metric, run_dir / "plot.png")
     checkpoint(total)
     if reporter and dist.main:
         reporter.end()
+    files = (None, None, last_path, best_path) if cfg.lora.full_finetune else (last_path, best_path, None, None)
     return TrainResult(run_dir, total, state["base_metrics"], final, state["best"] or {}, task.metric, n_train,
-                       n_total, last_path, best_path, run_dir / "plot.png", time.perf_counter() - t0, history,
-                       model if dist.main else None)
+                       n_total, files[0], files[1], run_dir / "plot.png", time.perf_counter() - t0, history,
+                       model if dist.main else None, files[2], files[3])
 
 
 #: Offset between the seeds of the source and the target orders, so the two streams are not shuffled alike.
@@ -341,6 +370,8 @@ class _OTStep:
     seed: int
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the target batches go (the model's device)."""
 
     def generator(self, micro: int) -> torch.Generator:
         """The RNG of the random directions / prior samples: a pure function of seed, step and the shard's place in
@@ -369,7 +400,7 @@ def _task_and_ot_loss(task: Task, net: nn.Module, batch: dict[str, Any], ot: _OT
         loss = task.loss(net, batch)
     target_feats = target_logits = None
     if ot.cfg.pair == "domain":
-        inputs = task.collate_inputs(ot.target_shards[micro])  # type: ignore[misc,index]
+        inputs = to_device(task.collate_inputs(ot.target_shards[micro]), ot.device)  # type: ignore[misc,index]
         with tap(ot.model, ot.cfg.tap) as target:
             target_logits = task.forward(ot.model, inputs).float()  # type: ignore[misc]
         target_feats = target[-1].float()
@@ -378,15 +409,15 @@ def _task_and_ot_loss(task: Task, net: nn.Module, batch: dict[str, Any], ot: _OT
     return loss, term
 
 
-def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], precision: str, world: int,
+def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], precision: str, dist: Dist,
                       ot: _OTStep | None = None) -> tuple[float, float]:
     """Accumulate the gradients of the micro-batches ``shards`` (DDP syncs on the last only); return the step's
     mean total loss and mean OT term on this process."""
     loss_sum = ot_sum = 0.0
     for n, shard in enumerate(shards):
-        sync = world == 1 or n == len(shards) - 1
-        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(precision):
-            batch = task.collate(shard)
+        sync = not dist.distributed or n == len(shards) - 1
+        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(precision, dist.device):
+            batch = to_device(task.collate(shard), dist.device)
             if ot is None:
                 loss = task.loss(net, batch) / len(shards)
             else:
@@ -407,7 +438,9 @@ def _train_mode(model: nn.Module) -> None:
             m.eval()
 
 
-def _autocast(precision: str):
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast on the run's own device type: an autocast for another device type than the one computing
+    is silently a no-op (the run would be fp32)."""
     if precision == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

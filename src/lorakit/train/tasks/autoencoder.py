@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lorakit.regularizers import sliced_wasserstein
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.data import subset
+from lorakit.train.device import device_of
 from lorakit.train.tasks import Task
 from lorakit.train.tasks.fashion_mnist import SPLIT_SEED, fixed_split, pixels, shared_split
 
@@ -90,14 +91,14 @@ def build(cfg: TrainConfig) -> Task:
     def evaluate(m: nn.Module, rows: Sequence[np.ndarray], batch_size: int = 1000) -> dict[str, float]:
         sq_err, codes = 0.0, []
         for start in range(0, len(rows), batch_size):
-            x = pixels(list(rows[start:start + batch_size]))
+            x = pixels(list(rows[start:start + batch_size])).to(device_of(m))
             z = m.encode(x).float()
             sq_err += float((m.decode(z).float() - x).pow(2).sum())
             codes.append(z)
         z = torch.cat(codes)
         # fixed prior samples and directions: the figure moves only when the codes do
         g = torch.Generator().manual_seed(SPLIT_SEED)
-        prior = torch.randn(z.shape, generator=g)
+        prior = torch.randn(z.shape, generator=g).to(z.device)  # drawn on the CPU: the same on every device
         sw = sliced_wasserstein(z, prior, num_projections=EVAL_PROJECTIONS, generator=g)
         return {"mse": sq_err / (len(rows) * 28 * 28), "prior_sw": float(sw)}
 

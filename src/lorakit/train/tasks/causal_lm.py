@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.data import read_lines, read_rt_polarity, read_sst2, subset
+from lorakit.train.device import device_of, to_device
 
 #: Byte-level vocabulary of the tiny models: 256 bytes.
 BYTE_VOCAB = 256
@@ -79,7 +80,7 @@ def build(cfg: TrainConfig):
     def evaluate(m: nn.Module, rows: Sequence[list[int]], batch_size: int = 32) -> dict[str, float]:
         total, n = 0.0, 0
         for start in range(0, len(rows), batch_size):
-            batch = collate(list(rows[start:start + batch_size]))
+            batch = to_device(collate(list(rows[start:start + batch_size])), device_of(m))
             total += loss(m, batch).item() * len(batch["input_ids"])
             n += len(batch["input_ids"])
         mean = total / max(n, 1)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.corruptions import corrupt
 from lorakit.train.data import read_fashion_mnist, subset
+from lorakit.train.device import device_of, to_device
 from lorakit.train.tasks import Task
 
 #: Example: (image (28, 28) uint8, label). A target input is the image alone.
@@ -135,7 +136,7 @@ def build(cfg: TrainConfig) -> Task:
     def accuracy(m: nn.Module, rows: Sequence[Example], batch_size: int = 1000) -> tuple[float, float]:
         correct, loss_sum = 0, 0.0
         for start in range(0, len(rows), batch_size):
-            batch = collate(list(rows[start:start + batch_size]))
+            batch = to_device(collate(list(rows[start:start + batch_size])), device_of(m))
             logits = forward(m, batch)
             loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += int((logits.argmax(-1) == batch["labels"]).sum())

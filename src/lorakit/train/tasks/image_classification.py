@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lorakit.models.resnet_cifar import MEAN, STD, ResNetCifar, resnet20_cifar10
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.data import read_cifar10_jpg, subset
+from lorakit.train.device import device_of, to_device
 from lorakit.train.tasks import Task
 
 #: Example: (image (32, 32, 3) uint8, label).
@@ -60,7 +61,7 @@ def build(cfg: TrainConfig) -> Task:
     def evaluate(m: nn.Module, rows: Sequence[Example], batch_size: int = 500) -> dict[str, float]:
         correct, loss_sum = 0, 0.0
         for start in range(0, len(rows), batch_size):
-            batch = collate(list(rows[start:start + batch_size]))
+            batch = to_device(collate(list(rows[start:start + batch_size])), device_of(m))
             logits = m(batch["pixels"]).float()
             loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += int((logits.argmax(-1) == batch["labels"]).sum())

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.data import read_rt_polarity, read_sst2, subset
+from lorakit.train.device import device_of, to_device
 from lorakit.train.tasks import Task
 
 #: Example: (token ids without padding, label).
@@ -80,7 +81,7 @@ def build(cfg: TrainConfig) -> Task:
     def evaluate(m: nn.Module, rows: Sequence[Example], batch_size: int = 128) -> dict[str, float]:
         correct, total, loss_sum = 0, 0, 0.0
         for start in range(0, len(rows), batch_size):
-            batch = collate(list(rows[start:start + batch_size]))
+            batch = to_device(collate(list(rows[start:start + batch_size])), device_of(m))
             logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
@@ -88,7 +89,7 @@ def build(cfg: TrainConfig) -> Task:
         return {"accuracy": correct / max(total, 1), "eval_loss": loss_sum / max(total, 1)}
 
     def predict(m: nn.Module, texts: list[str]) -> list[int]:
-        batch = collate([(ids, 0) for ids, _ in encode([(t, 0) for t in texts])])
+        batch = to_device(collate([(ids, 0) for ids, _ in encode([(t, 0) for t in texts])]), device_of(m))
         return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
 
     train_set = encode(train_rows)
