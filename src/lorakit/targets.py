@@ -8,10 +8,21 @@ A pattern is one of
 * a glob over the whole path or a dotted suffix of it: ``layer.*.attention.self.query``; ``*`` and ``?`` stay
   inside one dotted segment, ``**`` spans segments, ``[...]`` is a character class;
 * a regular expression over the whole path, written ``re:<regex>``: ``re:.*\\.(query|value)$``;
-* a preset: ``all-linear`` (every linear layer except the output head), ``all-conv`` (every Conv1d/Conv2d).
+* a preset: ``all-linear`` (every linear layer except the output head and the output projections of
+  ``nn.MultiheadAttention``), ``all-conv`` (every Conv1d/Conv2d).
 
-The output head is ``model.get_output_embeddings()`` where the model has one (transformers), else the last
-linear layer registered in the model (the classifier of a plain classification model).
+The output head (see :func:`output_head`) follows PEFT's ``all-linear`` rule: on a transformers model it is the
+output embedding (``lm_head``), else a sequence-classification head at ``model.score`` / ``model.classifier``,
+else none (a headless ``BertModel``'s ``pooler.dense`` is an ordinary layer); on any other model it is the last
+linear layer registered (the classifier of a plain classification model).
+
+``nn.MultiheadAttention`` never calls its ``out_proj``'s forward: ``F.multi_head_attention_forward`` reads
+``out_proj.weight`` directly, so an adapter there would never run (its gradients stay ``None``), and the q/k/v
+projections are one packed parameter, not modules. The ``all-linear`` preset skips these ``out_proj`` layers, as
+it skips the head, so ``all-linear`` stays usable on models built from ``nn.TransformerEncoderLayer``
+(torchvision's ViT among them) and adapts their feed-forward layers; a pattern naming one explicitly is refused
+with a :class:`TargetError` that names it. PEFT instead swaps the whole attention module for a wrapper that merges
+the update into the weights around each call; lorakit keeps base modules intact and does not do that.
 """
 
 from __future__ import annotations
@@ -109,18 +120,47 @@ def layer_indices(model: nn.Module) -> dict[str, int]:
     return out
 
 
+#: Attributes under which transformers models keep a sequence-classification head (PEFT's ``SEQ_CLS_HEAD_NAMES``).
+CLASSIFIER_HEAD_NAMES = ("score", "classifier")
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
-    """The model's output layer, which ``all-linear`` leaves alone."""
+    """The model's output layer or head block, every linear layer of which ``all-linear`` leaves alone.
+
+    A transformers model (it has ``get_output_embeddings``) gets PEFT's rule: its output embedding (``lm_head``) if
+    it has one, else the first of ``model.score`` / ``model.classifier`` (a linear, or a block of them such as
+    RoBERTa's ``classifier.dense`` + ``classifier.out_proj``, all left alone as PEFT does for ``SEQ_CLS``), else
+    ``None``: a headless encoder (``BertModel``) has no output head, and its pooler is an ordinary layer. Any other
+    model: the last linear layer registered (the classifier of a plain classification model).
+    """
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         head = get()
         if isinstance(head, nn.Module):
             return head
+        for name in CLASSIFIER_HEAD_NAMES:
+            head = getattr(model, name, None)
+            if isinstance(head, nn.Module):
+                return head
+        return None
     last = None
     for m in model.modules():
         if isinstance(m, nn.Linear) or (isinstance(m, LoraLayer) and m.kind == "linear"):
             last = m
     return last
+
+
+def unreachable_layers(model: nn.Module) -> dict[str, str]:
+    """Module path → path of the module that reads its weight without calling its forward.
+
+    Today these are the ``out_proj`` layers of ``nn.MultiheadAttention`` (see the module docstring): an adapter on
+    one would never run.
+    """
+    out: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            out[f"{path}.out_proj" if path else "out_proj"] = path
+    return out
 
 
 def _in_preset(preset: str, module: nn.Module) -> bool:
@@ -141,7 +181,8 @@ def find_targets(model: nn.Module, targets: Sequence[str], *, layers: str | Iter
         exclude: patterns of modules never to select.
 
     Raises:
-        TargetError: a pattern is malformed, matches nothing, or matches only modules lorakit cannot adapt.
+        TargetError: a pattern is malformed, matches nothing, matches only modules lorakit cannot adapt, or
+            selects a layer whose forward its parent never calls (:func:`unreachable_layers`).
     """
     if isinstance(targets, str):
         targets = [targets]
@@ -153,9 +194,12 @@ def find_targets(model: nn.Module, targets: Sequence[str], *, layers: str | Iter
     wanted = parse_layers(layers)
     indices = layer_indices(model) if wanted is not None else {}
     head = output_head(model) if "all-linear" in targets else None
+    in_head = {id(m) for m in head.modules()} if head is not None else set()
+    unreachable = unreachable_layers(model)
 
     hits: dict[str, list[str]] = {p: [] for p in targets}
     unsupported: dict[str, list[str]] = {p: [] for p in targets}
+    refused: dict[str, list[str]] = {p: [] for p in targets}
     chosen: list[str] = []
     for path, module in model.named_modules():
         if not path or any(matches(x, path) for x in exclude):
@@ -164,25 +208,35 @@ def find_targets(model: nn.Module, targets: Sequence[str], *, layers: str | Iter
         if ".lora." in f".{path}." and _inside_lora(model, path):
             continue
         adaptable = isinstance(module, LoraLayer) or lora_layer_type(module) is not None
+        in_layers = wanted is None or indices.get(path) in wanted
         selected = False
         for p in targets:
             if p in PRESETS:
-                ok = adaptable and module is not head and _in_preset(p, module)
+                ok = adaptable and id(module) not in in_head and path not in unreachable and _in_preset(p, module)
             else:
                 ok = matches(p, path)
             if not ok:
                 continue
-            if adaptable:
+            if path in unreachable:  # whether or not its type could carry a LoRA: the forward never runs
+                if in_layers:
+                    refused[p].append(path)
+            elif adaptable:
                 hits[p].append(path)
                 selected = True
             else:
                 unsupported[p].append(f"{path} ({type(module).__name__})")
-        if selected and (wanted is None or indices.get(path) in wanted):
+        if selected and in_layers:
             chosen.append(path)
 
     problems = []
     for p in targets:
-        if hits[p]:
+        if refused[p]:
+            owners = ", ".join(f"{x!r} (of nn.MultiheadAttention {unreachable[x] or '<model>'!r})"
+                               for x in refused[p])
+            problems.append(f"target {p!r} selects {owners}: nn.MultiheadAttention reads out_proj.weight directly "
+                            "(F.multi_head_attention_forward) and never calls out_proj, so an adapter there would "
+                            "never run; exclude it (exclude=[...]) or adapt other layers")
+        if hits[p] or refused[p]:
             continue
         if unsupported[p]:
             shown = ", ".join(unsupported[p][:3]) + (" ..." if len(unsupported[p]) > 3 else "")
