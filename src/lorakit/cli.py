@@ -94,8 +94,11 @@ def train(config: Path | None = typer.Argument(None, help="training config (.yam
 
     from lorakit.train import load_config
     from lorakit.train import train as run_training
+    from lorakit.train.config import ConfigError
     from lorakit.train.progress import RichReporter
 
+    if threads < 1:  # torch.set_num_threads(0) raises a bare RuntimeError
+        raise ConfigError(f"option '--threads': expected an int >= 1, got {threads}")
     torch.set_num_threads(threads)
     _quiet_transformers()
     if resume is not None:
@@ -124,6 +127,8 @@ def train(config: Path | None = typer.Argument(None, help="training config (.yam
     out.print(f"{result.steps} steps in {result.seconds:.0f} s")
     if result.adapter_last is not None:
         out.print(f"adapter: {result.adapter_best} (best), {result.adapter_last} (last)", soft_wrap=True)
+    if result.model_last is not None:
+        out.print(f"model:   {result.model_best} (best), {result.model_last} (last)", soft_wrap=True)
     out.print(f"plot:    {result.plot}   metrics: {result.run_dir / 'metrics.jsonl'}", soft_wrap=True)
 
 

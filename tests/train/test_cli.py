@@ -42,6 +42,16 @@ def test_bad_config_is_one_line_exit_1(tmp_path: Path) -> None:
     assert "optim.lr" in proc.stderr and "bad.yaml" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_zero_threads_is_one_line_exit_1(tiny_lm, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_lm(tmp_path / "run").to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", str(config), "--threads", "0"], check=False,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--threads" in proc.stderr and ">= 1" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not (data_root() / "sst2").is_dir(), reason=f"{data_root() / 'sst2'} is absent")
 def test_predict_with_a_tiny_text_classifier(tmp_path: Path) -> None:
     raw = {"task": "text-classification", "model": {"name": "tiny-bert"},

@@ -153,9 +153,9 @@ def _free_folder(root: Path, step: int) -> Path:
 
 
 def remove_stale(run_dir: Path) -> list[Path]:
-    """Remove what a killed run left behind: temp files of atomic writes (``.*.tmp``) in the run folder and in
-    ``checkpoints/``, checkpoint folders being written (``.tmp-step-*``) and step folders the pointer does not
-    name (e.g. a first checkpoint killed before its pointer was written).
+    """Remove what a killed run left behind: temp files of atomic writes in the run folder and in ``checkpoints/``,
+    checkpoint folders being written (``.tmp-step-*``) and step folders the pointer does not name (e.g. a first
+    checkpoint killed before its pointer was written).
 
     Returns:
         The removed paths.
@@ -169,13 +169,19 @@ def remove_stale(run_dir: Path) -> list[Path]:
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            stale = (p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp")) or \
+            stale = (p.is_file() and _temp_file(p.name)) or \
                     (folder == root and p.is_dir() and (p.name.startswith(TMP_PREFIX) or
                                                         (p.name.startswith("step-") and p.name != keep)))
             if stale:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+def _temp_file(name: str) -> bool:
+    """A temporary file of an atomic write (``.lorakit-tmp.<name>.<pid>.<tag>``, or the older ``.<name>.<tag>.tmp``);
+    only the run's own main process writes into its folder, so any such file is a killed write's."""
+    return name.startswith(".lorakit-tmp.") or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _pointed(pointer: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Use a finished run: evaluate or predict with its saved adapter on a fresh base model."""
+"""Use a finished run: evaluate or predict with its saved adapter on a fresh base model (or, for a full fine-tune,
+its saved model)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lorakit.formats import load
+from lorakit.formats.safetensors_io import read_safetensors
 from lorakit.inject import attach
 from lorakit.train.config import load_config
 from lorakit.train.loop import RunDirError
@@ -19,7 +21,11 @@ def _load(run_dir: str | Path, which: str) -> Task:
         raise RunDirError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", ["data.train_rows=1"])  # no need to read the training set
     task = build_task(cfg)
-    attach(task.model, load(run_dir / f"adapter-{which}.safetensors"))
+    if cfg.lora.full_finetune:  # the run saved the whole model, not an adapter
+        state, _ = read_safetensors(run_dir / f"model-{which}.safetensors")
+        task.model.load_state_dict(state)
+    else:
+        attach(task.model, load(run_dir / f"adapter-{which}.safetensors"))
     task.model.eval()
     return task
 
