@@ -19,10 +19,24 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lorakit.adapter import KINDS
 from lorakit.errors import FileFormatError, LorakitError
+from lorakit.formats import checked
+from lorakit.formats.checked import Map, Obj, Opt, Str
 
 #: String-metadata key of lorakit's hints in foreign files.
 EXTRAS_KEY = "lorakit.extras"
+#: Pipeline components a hint's ``root`` may name (kohya's and diffusers').
+ROOTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+#: What lorakit's hints may hold; every field is optional (a file without hints is read by the dialect's rules).
+EXTRAS_SCHEMA = Obj(optional={
+    "kinds": Map(Str(choices=KINDS)), "targets": checked.List(Str()), "metadata": Map(Str()),
+    "order": checked.List(Str(), unique=True), "override_order": checked.List(Str(), unique=True),
+    "paths": Map(Str(nonempty=True)), "root": Opt(Str(choices=ROOTS)), "base_model": Opt(Str())})
+#: dtypes lorakit computes LoRA factors in; float8 and integer factors are refused on read.
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                            "float8_e8m0fnu") if hasattr(torch, n))
 
 
 class NotRepresentableError(LorakitError):
@@ -63,6 +77,8 @@ def alpha_value(t: Tensor, source: str, key: str) -> float:
     """
     if t.numel() != 1:
         raise FileFormatError(source, f"{key!r}: alpha must hold one value, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.dtype in _FLOAT8 or t.is_complex():
+        raise FileFormatError(source, f"{key!r}: alpha must be a float or integer tensor, got {t.dtype}")
     value = float(t.reshape(()).double())
     if value != value or value in (float("inf"), float("-inf")):
         raise FileFormatError(source, f"{key!r}: alpha is {value}")
@@ -89,13 +105,47 @@ def unpack_extras(metadata: Mapping[str, str], source: str) -> dict:
     raw = metadata.get(EXTRAS_KEY)
     if raw is None:
         return {}
-    try:
-        extras = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise FileFormatError(source, f"metadata {EXTRAS_KEY!r}: not valid JSON ({e})") from None
-    if not isinstance(extras, dict):
-        raise FileFormatError(source, f"metadata {EXTRAS_KEY!r}: expected a JSON object")
-    return extras
+    return checked.load(raw, EXTRAS_SCHEMA, source, f"metadata {EXTRAS_KEY!r}")
+
+
+def factor_problems(name: str, t: Tensor, ndims: Sequence[int]) -> list[str]:
+    """Why tensor ``name`` cannot be a LoRA factor (empty when it can).
+
+    Checked before any arithmetic touches it: the number of dims (a 0-d tensor has no rank), every dim ≥ 1 (an
+    empty rank-10⁶ factor would pass a bytes check yet make r×r Gram matrices huge), a dtype lorakit computes in.
+    """
+    if t.ndim not in ndims:
+        want = " or ".join(map(str, ndims))
+        return [f"{name}: expected {want} dims, got shape {tuple(t.shape)}"]
+    if any(s == 0 for s in t.shape):
+        return [f"{name}: shape {tuple(t.shape)} has a zero-size dimension"]
+    if t.dtype not in FACTOR_DTYPES:
+        return [f"{name}: dtype {str(t.dtype).removeprefix('torch.')} is not a factor dtype lorakit can use "
+                f"(float16, bfloat16, float32, float64)"]
+    return []
+
+
+def override_problems(name: str, t: Tensor) -> list[str]:
+    """Why tensor ``name`` cannot be a full-tensor override: float8 (no finiteness check or arithmetic on it)."""
+    if t.dtype in _FLOAT8:
+        return [f"{name}: dtype {str(t.dtype).removeprefix('torch.')} is not supported for full tensors"]
+    return []
+
+
+def tensor_set_problems(expected: Sequence[str], found: Sequence[str]) -> list[str]:
+    """The differences between the tensors a header declares and those a file holds, as one message each way."""
+    want, have = set(expected), set(found)
+    out = []
+    if want - have:
+        out.append(f"tensor(s) declared but missing from the file: {_listed(sorted(want - have))}")
+    if have - want:
+        out.append(f"tensor(s) in the file but not declared: {_listed(sorted(have - want))}")
+    return out
+
+
+def _listed(keys: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def kind_from_shape(a: Tensor, hinted: str | None) -> str:

@@ -26,9 +26,10 @@ from torch import Tensor
 
 from lorakit.adapter import Adapter, ModuleLora
 from lorakit.errors import FileFormatError, LorakitError
-from lorakit.formats import peft
-from lorakit.formats.common import (EXTRAS_KEY, alpha_value, in_order, kind_from_shape, pack_extras,
-                                    report_loss, shape_kind_hints, unpack_extras)
+from lorakit.formats import checked, peft
+from lorakit.formats.checked import Map
+from lorakit.formats.common import (EXTRAS_KEY, alpha_value, factor_problems, in_order, kind_from_shape,
+                                    pack_extras, report_loss, shape_kind_hints, unpack_extras)
 from lorakit.formats.safetensors_io import read_safetensors, write_safetensors
 
 DIALECT = "diffusers"
@@ -98,6 +99,24 @@ def _split(key: str) -> tuple[str, str, str] | None:
     return comp, path, _ROLE[m.group(2)]
 
 
+def read_config(metadata: Mapping[str, str], source: str = "<memory>") -> dict:
+    """The checked ``lora_adapter_metadata`` JSON ({} if absent): each component's ``C.<field>`` entries must pass
+    PEFT's :data:`lorakit.formats.peft.CONFIG_SCHEMA` (``"C.use_rslora": "false"`` is refused, not read as true).
+
+    Raises:
+        FileFormatError: bad JSON, or a field of the wrong type, naming the ``C.<field>`` key.
+    """
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    what = f"metadata {METADATA_KEY!r}"
+    config = checked.load(raw, Map(), source, what)
+    for comp in COMPONENTS:
+        fields = {k.removeprefix(comp + "."): v for k, v in config.items() if k.startswith(comp + ".")}
+        checked.check(fields, peft.CONFIG_SCHEMA, source, f"{what}, component {comp!r}")
+    return config
+
+
 def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], source: str = "<memory>", *,
                  root: str | None = None) -> Adapter:
     """diffusers (tensors, metadata) → validated :class:`Adapter`.
@@ -112,10 +131,7 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
     extras = unpack_extras(metadata, source)
     if root is None:
         root = extras.get("root")
-    try:
-        config = json.loads(metadata.get(METADATA_KEY) or "{}")
-    except json.JSONDecodeError as e:
-        raise FileFormatError(source, f"metadata {METADATA_KEY!r}: not valid JSON ({e})") from None
+    config = read_config(metadata, source)
     problems: list[str] = []
     groups: dict[tuple[str, str], dict[str, Tensor]] = {}
     for key, t in tensors.items():
@@ -138,6 +154,13 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
             problems.append(f"{comp}.{path}: missing the {'down (A)' if 'A' not in parts else 'up (B)'} factor")
             continue
         a, b = parts["A"], parts["B"]
+        found = (factor_problems(f"{comp}.{path} down factor", a, (2, 3, 4))
+                 + factor_problems(f"{comp}.{path} up factor", b, (2, 3, 4)))
+        if "magnitude" in parts:
+            found += factor_problems(f"{comp}.{path}.lora_magnitude_vector", parts["magnitude"], (1, 4))
+        if found:
+            problems.extend(found)
+            continue
         if b.ndim != a.ndim or any(s != 1 for s in b.shape[2:]):
             problems.append(f"{comp}.{path}: up factor {tuple(b.shape)} does not fit down factor {tuple(a.shape)}")
             continue
@@ -161,7 +184,7 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
             mag = mag.reshape(-1)
         mods[full] = ModuleLora(A=a, B=b.reshape(b.shape[0], b.shape[1]), alpha=alpha,
                                 kind=kind_from_shape(a, kinds.get(f"{comp}.{path}", kinds.get(path))),
-                                rslora=bool(config.get(f"{comp}.use_rslora", False)), magnitude=mag)
+                                rslora=config.get(f"{comp}.use_rslora", False), magnitude=mag)
         problems.extend(mods[full].problems(f"{comp}.{path}"))
     if problems:
         raise FileFormatError(source, "; ".join(problems))

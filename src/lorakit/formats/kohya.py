@@ -28,8 +28,8 @@ from torch import Tensor
 from lorakit.adapter import Adapter, ModuleLora
 from lorakit.errors import FileFormatError, LorakitError
 from lorakit.formats import names
-from lorakit.formats.common import (EXTRAS_KEY, alpha_tensor, alpha_value, in_order, kind_from_shape,
-                                    pack_extras, report_loss, shape_kind_hints, unpack_extras)
+from lorakit.formats.common import (EXTRAS_KEY, alpha_tensor, alpha_value, factor_problems, in_order,
+                                    kind_from_shape, pack_extras, report_loss, shape_kind_hints, unpack_extras)
 from lorakit.formats.safetensors_io import read_safetensors, write_safetensors
 
 DIALECT = "kohya"
@@ -168,6 +168,13 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
         if path is None:
             continue
         a, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        found = (factor_problems(f"{name}.lora_down.weight", a, (2, 3, 4))
+                 + factor_problems(f"{name}.lora_up.weight", up, (2, 3, 4)))
+        if "dora_scale" in parts:
+            found += factor_problems(f"{name}.dora_scale", parts["dora_scale"], (1, 2, 3, 4))
+        if found:
+            problems.extend(found)
+            continue
         if up.ndim < 2 or any(s != 1 for s in up.shape[2:]) or up.ndim != a.ndim:
             problems.append(f"{name}.lora_up.weight: expected (out, r{', 1' * (a.ndim - 2)}) for a down weight of "
                             f"shape {tuple(a.shape)}, got {tuple(up.shape)}")

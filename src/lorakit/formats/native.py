@@ -20,7 +20,6 @@ The header lists every tensor the file must hold, so a reader can pick some modu
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 
@@ -28,7 +27,10 @@ from torch import Tensor
 
 from lorakit.adapter import KINDS, Adapter, ModuleLora
 from lorakit.errors import FileFormatError, FormatVersionError
-from lorakit.formats.safetensors_io import read_header, read_safetensors, write_safetensors
+from lorakit.formats import checked
+from lorakit.formats.checked import Bool, Int, List, Map, Num, Obj, Opt, Str
+from lorakit.formats.common import factor_problems, override_problems, tensor_set_problems
+from lorakit.formats.safetensors_io import parse_safetensors, read_header, read_safetensors, write_safetensors
 
 FORMAT = "lorakit"
 VERSION = 1
@@ -57,47 +59,38 @@ def to_tensors(adapter: Adapter) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, {HEADER_KEY: json.dumps(header), "format": "pt"}
 
 
+#: One module entry of the header.
+_MODULE = Obj(required={"kind": Str(choices=KINDS), "rank": Int(1), "alpha": Num()},
+              optional={"rslora": Bool(), "dora": Bool()})
+#: The header after its format and version (checked first, so an unknown version says so).
+_HEADER = Obj(required={"modules": Map(_MODULE, key=Str(pattern=rf"(?!{OVERRIDE_PREFIX})(?s:.+)"))},
+              optional={"base_model": Opt(Str()), "targets": List(Str()),
+                        "overrides": List(Str(nonempty=True), unique=True), "metadata": Map(Str())})
+
+
 def parse_header(metadata: Mapping[str, str], source: str = "<memory>") -> dict:
     """The validated lorakit header from a file's string metadata.
 
     Raises:
-        FileFormatError: no lorakit header, bad JSON or a malformed module entry.
+        FileFormatError: no lorakit header, bad JSON or a field of the wrong type or range (each named).
         FormatVersionError: a version this reader does not know.
     """
     if HEADER_KEY not in metadata:
         raise FileFormatError(source, f"not a lorakit file: no {HEADER_KEY!r} metadata (try `lorakit convert`)")
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError as e:
-        raise FileFormatError(source, f"bad {HEADER_KEY!r} header: not valid JSON ({e})") from None
+    header = checked.parse(metadata[HEADER_KEY], source, f"{HEADER_KEY!r} header")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise FileFormatError(source, f"bad {HEADER_KEY!r} header: missing \"format\": \"{FORMAT}\"")
     version = header.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
         raise FormatVersionError(source, f"unknown lorakit format version {version!r} (this reader knows 1.."
                                          f"{VERSION}); upgrade lorakit")
-    modules = header.get("modules")
-    if not isinstance(modules, dict):
-        raise FileFormatError(source, "bad header: 'modules' must be an object")
-    problems = []
-    for path, info in modules.items():
-        if not isinstance(info, dict):
-            problems.append(f"module {path!r}: entry is not an object")
-            continue
-        if info.get("kind") not in KINDS:
-            problems.append(f"module {path!r}: unknown kind {info.get('kind')!r}")
-        alpha = info.get("alpha")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            problems.append(f"module {path!r}: alpha must be a finite number, got {alpha!r}")
-        if not isinstance(info.get("rank"), int) or info["rank"] < 1:
-            problems.append(f"module {path!r}: rank must be a positive integer, got {info.get('rank')!r}")
-    if not isinstance(header.get("overrides", []), list):
-        problems.append("'overrides' must be a list")
-    if not isinstance(header.get("metadata", {}), dict):
-        problems.append("'metadata' must be an object")
-    if problems:
-        raise FileFormatError(source, "bad header: " + "; ".join(problems))
-    return header
+    return checked.check(header, _HEADER, source, f"bad {HEADER_KEY!r} header")
+
+
+def tensor_keys(header: Mapping) -> list[str]:
+    """Every tensor key a file with this (validated) header must hold, and no other."""
+    keys = [k for p, info in header["modules"].items() for k in module_keys(p, info.get("dora", False))]
+    return keys + [OVERRIDE_PREFIX + k for k in header.get("overrides", [])]
 
 
 def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], source: str = "<memory>",
@@ -105,40 +98,48 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
     """(tensors, metadata) in the native layout → validated :class:`Adapter`.
 
     Args:
-        tensors: must hold every tensor of the chosen modules (others are ignored).
+        tensors: every tensor the header declares and no other; with ``modules``, at least the chosen modules'.
         metadata: the file's string metadata.
         source: file name used in error messages.
         modules: read only these module paths (default: all in the header).
+
+    Raises:
+        FileFormatError: a bad header, tensors missing from or absent in the header (listed both ways), a factor
+            of the wrong dims, dtype or rank.
     """
     header = parse_header(metadata, source)
     chosen = _choose(header, modules, source)
-    problems = []
+    problems = tensor_set_problems(tensor_keys(header), list(tensors)) if modules is None else []
     mods: dict[str, ModuleLora] = {}
     for path in chosen:
         info = header["modules"][path]
-        keys = module_keys(path, bool(info.get("dora")))
+        keys = module_keys(path, info.get("dora", False))
         absent = [k for k in keys if k not in tensors]
         if absent:
-            problems.append(f"missing tensor(s) {absent}")
+            if modules is not None:
+                problems.append(f"missing tensor(s) {absent}")
+            continue
+        found = [p for key, ndims in zip(keys, ((2, 3, 4), (2,), (1,))) for p in
+                 factor_problems(key, tensors[key], ndims)]
+        if found:
+            problems += found
             continue
         m = ModuleLora(A=tensors[keys[0]], B=tensors[keys[1]], alpha=float(info["alpha"]), kind=info["kind"],
-                       rslora=bool(info.get("rslora", False)),
-                       magnitude=tensors[keys[2]] if info.get("dora") else None)
-        if m.A.ndim and m.A.shape[0] != info["rank"]:
+                       rslora=info.get("rslora", False), magnitude=tensors[keys[2]] if len(keys) > 2 else None)
+        if m.A.shape[0] != info["rank"]:
             problems.append(f"{path}.A: header says rank {info['rank']} but A has shape {tuple(m.A.shape)}")
         mods[path] = m
     overrides = {}
     if modules is None:
         for key in header.get("overrides", []):
-            if OVERRIDE_PREFIX + key not in tensors:
-                problems.append(f"missing tensor {OVERRIDE_PREFIX + key!r}")
-            else:
-                overrides[key] = tensors[OVERRIDE_PREFIX + key]
+            t = tensors.get(OVERRIDE_PREFIX + key)
+            if t is not None:
+                problems += override_problems(OVERRIDE_PREFIX + key, t)
+                overrides[key] = t
     if problems:
         raise FileFormatError(source, "; ".join(problems))
-    targets = header.get("targets") or []
-    adapter = Adapter(mods, overrides, base_model=header.get("base_model"), targets=tuple(targets),
-                      metadata=dict(header.get("metadata") or {}))
+    adapter = Adapter(mods, overrides, base_model=header.get("base_model"), targets=tuple(header.get("targets", [])),
+                      metadata=dict(header.get("metadata", {})))
     return adapter.validate(source)
 
 
@@ -159,20 +160,30 @@ def save(adapter: Adapter, path: str | os.PathLike) -> None:
     write_safetensors(tensors, path, metadata)
 
 
-def load(path: str | os.PathLike, modules: Iterable[str] | None = None) -> Adapter:
+def load(path: str | os.PathLike, modules: Iterable[str] | None = None, *, data: bytes | None = None) -> Adapter:
     """Read a native lorakit file; with ``modules``, read only those modules' tensors (overrides are skipped).
+
+    Args:
+        data: the file's bytes, already read (a split part whose hash was checked on them); ``path`` then only
+            names the file in errors.
 
     Raises:
         FileFormatError, FormatVersionError, AdapterValidationError: naming the file and the offending key.
     """
     source = str(path)
-    _, metadata = read_header(path)
-    header = parse_header(metadata, source)
-    chosen = _choose(header, modules, source)
-    keys = [k for p in chosen for k in module_keys(p, bool(header["modules"][p].get("dora")))]
-    if modules is None:
-        keys += [OVERRIDE_PREFIX + k for k in header.get("overrides", [])]
-    tensors, _ = read_safetensors(path, keys)
+
+    def keys(table: dict, metadata: Mapping[str, str]) -> list[str]:  # from the header of the same open file
+        header = parse_header(metadata, source)
+        problems = tensor_set_problems(tensor_keys(header), list(table))
+        if problems:  # checked on the header alone, so a partial read refuses an inconsistent file too
+            raise FileFormatError(source, "; ".join(problems))
+        chosen = _choose(header, modules, source)
+        keys = [k for p in chosen for k in module_keys(p, header["modules"][p].get("dora", False))]
+        if modules is None:
+            keys += [OVERRIDE_PREFIX + k for k in header.get("overrides", [])]
+        return keys
+
+    tensors, metadata = read_safetensors(path, keys) if data is None else parse_safetensors(data, path, keys)
     return from_tensors(tensors, metadata, source, modules=modules)
 
 

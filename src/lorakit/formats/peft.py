@@ -32,8 +32,11 @@ from torch import Tensor
 
 from lorakit.adapter import Adapter, ModuleLora
 from lorakit.errors import FileFormatError
-from lorakit.formats.common import (EXTRAS_KEY, in_order, json_number, kind_from_shape, pack_extras,
-                                    report_loss, shape_kind_hints, unpack_extras)
+from lorakit.formats import checked
+from lorakit.formats.checked import Bool, Check, Int, List, Map, Num, Obj, Opt, Str, regex_keys
+from lorakit.formats.common import (EXTRAS_KEY, factor_problems, in_order, json_number, kind_from_shape,
+                                    override_problems, pack_extras, report_loss, shape_kind_hints, unpack_extras)
+from lorakit.formats.atomic import atomic_write_dir, reads_directory
 from lorakit.formats.safetensors_io import atomic_write, read_safetensors, write_safetensors
 
 DIALECT = "peft"
@@ -44,6 +47,13 @@ _ROLE_RE = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|l
                       r"|lora_magnitude_vector)$")
 _ROLE = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
          "lora_magnitude_vector": "magnitude"}
+#: The ``LoraConfig`` fields lorakit reads (others are left alone). Booleans must be JSON booleans: PEFT reads
+#: ``"use_rslora": "false"`` as true, so a string there is refused rather than guessed.
+CONFIG_SCHEMA = Obj(optional={
+    "peft_type": Opt(Str()), "r": Int(1), "lora_alpha": Num(),
+    "rank_pattern": Opt(Check(Map(Int(1)), regex_keys)), "alpha_pattern": Opt(Check(Map(Num()), regex_keys)),
+    "use_rslora": Bool(), "use_dora": Bool(), "fan_in_fan_out": Bool(), "bias": Str(),
+    "modules_to_save": Opt(List(Str(nonempty=True))), "base_model_name_or_path": Opt(Str())})
 
 
 def config_fields(modules: Mapping[str, ModuleLora], lossy: bool, dialect: str = DIALECT
@@ -138,6 +148,7 @@ def from_tensors(tensors: Mapping[str, Tensor], config: Mapping, metadata: Mappi
     """
     metadata = metadata or {}
     extras = unpack_extras(metadata, source)
+    checked.check(config, CONFIG_SCHEMA, source, CONFIG_NAME)
     problems: list[str] = []
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
@@ -160,21 +171,28 @@ def from_tensors(tensors: Mapping[str, Tensor], config: Mapping, metadata: Mappi
             if "embedding" in m.group(2):
                 embeddings.add(m.group(1))
         elif any(bare.rpartition(".")[0] == s or bare.rpartition(".")[0].endswith("." + s) for s in saved):
+            problems.extend(override_problems(key, t))
             overrides[bare] = t
         else:
             problems.append(f"{key!r}: not a PEFT LoRA key (.lora_A.weight, .lora_B.weight, .lora_embedding_A/B, "
                             f".lora_magnitude_vector) nor in modules_to_save {saved}")
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
     kinds = extras.get("kinds") or {}
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    fan_in_fan_out = config.get("fan_in_fan_out", False)
     mods: dict[str, ModuleLora] = {}
     for path, parts in groups.items():
         if "A" not in parts or "B" not in parts:
             problems.append(f"{path}: missing {'lora_A' if 'A' not in parts else 'lora_B'} tensor")
             continue
         a, b = parts["A"], parts["B"]
+        found = factor_problems(f"{path}.lora_A", a, (2, 3, 4)) + factor_problems(f"{path}.lora_B", b, (2, 3, 4))
+        if "magnitude" in parts:
+            found += factor_problems(f"{path}.lora_magnitude_vector", parts["magnitude"], (1, 4))
+        if found:
+            problems.extend(found)
+            continue
         if b.ndim != a.ndim and not (path in embeddings and b.ndim == 2) or any(s != 1 for s in b.shape[2:]):
             problems.append(f"{path}.lora_B: shape {tuple(b.shape)} does not fit lora_A {tuple(a.shape)}")
             continue
@@ -212,13 +230,20 @@ def from_tensors(tensors: Mapping[str, Tensor], config: Mapping, metadata: Mappi
 
 
 def save(adapter: Adapter, directory: str | os.PathLike, *, lossy: bool = False) -> None:
-    """Write ``adapter`` as a PEFT adapter directory (each file written atomically)."""
+    """Write ``adapter`` as a PEFT adapter directory, built aside and swapped in whole (see
+    :func:`~lorakit.formats.atomic.atomic_write_dir`): a kill leaves the old directory or the new one, never the
+    old config with the new weights. Other files of a directory being replaced (a README) are kept.
+    """
     directory = Path(directory)
     adapter.validate(str(directory))
     tensors, metadata, config = to_tensors(adapter, lossy=lossy)
-    write_safetensors(tensors, directory / WEIGHTS_NAME, metadata)
     text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tensors, tmp / WEIGHTS_NAME, metadata)
+        atomic_write(tmp / CONFIG_NAME, lambda t: Path(t).write_text(text))
+
+    atomic_write_dir(directory, write)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -230,15 +255,11 @@ def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileFormatError(directory, f"not a PEFT adapter directory: no {CONFIG_NAME}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FileFormatError(path, f"not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FileFormatError(path, "expected a JSON object")
-    return config
+    config = checked.load(path.read_bytes(), Obj(), path, CONFIG_NAME)
+    return checked.check(config, CONFIG_SCHEMA, path, CONFIG_NAME)
 
 
+@reads_directory()  # config and weights from one directory, even while a writer swaps a new one in
 def load(directory: str | os.PathLike) -> Adapter:
     """Read a PEFT adapter directory (``adapter_model.safetensors`` only; pickled ``.bin`` files are refused)."""
     directory = Path(directory)
