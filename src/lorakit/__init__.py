@@ -12,14 +12,15 @@ from lorakit.inject import (InjectReport, adapter_names, attach, detach, disable
                             merge, merge_into_base, mixed_batch, set_enabled, set_strength, trainable_parameters,
                             unmerge)
 from lorakit.layers import LoraLayer
+from lorakit.record import InjectionRecord, get_record
 from lorakit.targets import find_targets
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS", "Adapter", "AdapterStateError", "AdapterValidationError", "AttachError", "FileFormatError",
-    "FormatVersionError", "InjectReport", "LoraLayer", "LorakitError", "ModuleLora", "TargetError",
-    "adapter_names", "adapters_equal", "attach", "detach", "disabled", "extract", "find_targets", "inject", "load",
+    "FormatVersionError", "InjectReport", "InjectionRecord", "LoraLayer", "LorakitError", "ModuleLora", "TargetError",
+    "adapter_names", "adapters_equal", "attach", "detach", "disabled", "extract", "find_targets", "get_record", "inject", "load",
     "lora_layers", "lora_scale", "merge", "merge_into_base", "mixed_batch", "read_any", "save", "set_enabled",
     "set_strength", "trainable_parameters", "unmerge",
 ]

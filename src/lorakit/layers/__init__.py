@@ -1,4 +1,10 @@
-"""Runtime LoRA layers, one per base layer kind, and the registry that picks one for a base module."""
+"""Runtime LoRA layers, one per base layer kind, and the registry that picks one for a base module.
+
+The registry is keyed by exact type. A subclass of a registered type (a quantized or custom linear with its own
+``forward``) resolves to the nearest registered ancestor's layer through its MRO, and that layer then *delegates*:
+it calls the base module itself (``base(x)``) rather than the functional op on its weight, so the subclass's own
+forward and its hooks keep running (see :attr:`LoraLayer.delegates`).
+"""
 
 from __future__ import annotations
 
@@ -14,45 +20,54 @@ try:  # transformers' GPT-2 style Conv1D: a linear layer with a transposed weigh
 except ImportError:  # pragma: no cover - transformers is a dependency, but the layers do not need it
     _HFConv1D = None
 
-#: Base module type → LoRA layer class. Exact types first; subclasses resolve through ``isinstance``.
-LAYER_TYPES: dict[type, type[LoraLayer]] = {
-    nn.Linear: LoraLinear,
-    nn.Conv1d: LoraConv,
-    nn.Conv2d: LoraConv,
-    nn.Embedding: LoraEmbedding,
+#: Exact base module type → (adapter kind, LoRA layer class).
+LAYER_TYPES: dict[type, tuple[str, type[LoraLayer]]] = {
+    nn.Linear: ("linear", LoraLinear),
+    nn.Conv1d: ("conv1d", LoraConv),
+    nn.Conv2d: ("conv2d", LoraConv),
+    nn.Embedding: ("embedding", LoraEmbedding),
 }
 if _HFConv1D is not None:
-    LAYER_TYPES[_HFConv1D] = LoraLinear
+    LAYER_TYPES[_HFConv1D] = ("linear_t", LoraLinear)
+
+
+def registered_type(module: nn.Module) -> type | None:
+    """The registered base type ``module`` is (exactly, or through its MRO), or ``None``."""
+    for cls in type(module).__mro__:
+        if cls in LAYER_TYPES:
+            return cls
+    return None
 
 
 def lora_layer_type(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class that can wrap ``module``, or ``None`` if its kind is not supported."""
-    for base_type, layer_type in LAYER_TYPES.items():
-        if isinstance(module, base_type):
-            return layer_type
-    return None
+    if isinstance(module, LoraLayer):
+        return None
+    cls = registered_type(module)
+    return None if cls is None else LAYER_TYPES[cls][1]
 
 
 def base_kind(module: nn.Module) -> str | None:
     """The adapter kind (see :data:`lorakit.adapter.KINDS`) of a base module or LoRA layer, or ``None``."""
     if isinstance(module, LoraLayer):
         return module.kind
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Conv1d):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if _HFConv1D is not None and isinstance(module, _HFConv1D):
-        return "linear_t"
-    return None
+    cls = registered_type(module)
+    return None if cls is None else LAYER_TYPES[cls][0]
+
+
+def wrap_problem(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be wrapped (one line), or ``None`` when it can; checks before anything changes."""
+    if isinstance(module, LoraLayer):
+        return None
+    layer_type = lora_layer_type(module)
+    if layer_type is None:
+        return f"{type(module).__name__} cannot carry a LoRA adapter"
+    return layer_type.wrap_problem(module)
 
 
 def supports(module: nn.Module) -> bool:
-    return lora_layer_type(module) is not None and not isinstance(module, LoraLayer)
+    return lora_layer_type(module) is not None and wrap_problem(module) is None
 
 
 __all__ = ["INITS", "LAYER_TYPES", "LoraConv", "LoraEmbedding", "LoraFactors", "LoraLayer", "LoraLinear",
-           "base_kind", "lora_layer_type", "supports"]
+           "base_kind", "lora_layer_type", "registered_type", "supports", "wrap_problem"]

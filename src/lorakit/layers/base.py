@@ -8,21 +8,25 @@ Per adapter the layer computes (Hu et al. 2021, eq. 3)
 
     h = base(x) + s · B(A(dropout(x))),     s = strength · alpha / r
 
-and for DoRA (Liu et al. 2024, §4.3, with the norm detached as the paper recommends)
+with ``s = strength · alpha / r``, and for DoRA (Liu et al. 2024, §4.3, with the norm detached as the paper
+recommends), on the weight W' that the adapters stacked before it give
 
-    h = base(x) + (m/‖W + s·BA‖ − 1) · W x + m/‖W + s·BA‖ · s · B(A(dropout(x)))
+    h = base(x) + t · [(m/‖W' + s·BA‖ − 1) · W' x + m/‖W' + s·BA‖ · s · B(A(dropout(x)))],   s = alpha / r
+
+where the strength t interpolates from the layer without the adapter (t = 0) to DoRA's weight (t = 1).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.adapter import ModuleLora, dora_weight, lora_scale
+from lorakit.adapter import ModuleLora, lora_scale
 from lorakit.errors import AdapterStateError, LorakitError
 
 #: Factor initialisations: ``kaiming`` (uniform A as nn.Linear does, zero B), ``gaussian`` (A ~ N(0, 1/r), zero B),
@@ -67,20 +71,43 @@ class LoraFactors(nn.Module):
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
 
     @property
+    def base_scale(self) -> float:
+        """``alpha/r`` (or ``alpha/√r``), without the run-time strength."""
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+    @property
     def scale(self) -> float:
-        return self.strength * lora_scale(self.alpha, self.rank, self.rslora)
+        return self.strength * self.base_scale
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dora={self.magnitude is not None}, "
                 f"strength={self.strength:g}, enabled={self.enabled}, merged={self.merged}")
 
 
-class LoraLayer(nn.Module):
-    """Base class of the runtime LoRA layers; subclasses give the base layer's forward and the low-rank path.
+@dataclass(frozen=True)
+class Routing:
+    """The samples of a mixed batch, by adapter.
 
-    Subclasses set :attr:`kind` and implement :meth:`base_forward`, :meth:`lora_forward` and the shape helpers.
-    The original base module object is kept (unregistered, since its parameters are ours) so that
-    :meth:`unwrap` can put the very same object back.
+    Attributes:
+        size: the batch size, the length of the per-sample adapter list.
+        rows: adapter name → its samples, a slice (contiguous) or a LongTensor of indices into dim 0.
+    """
+
+    size: int
+    rows: dict[str, slice | Tensor]
+
+
+class LoraLayer(nn.Module):
+    """Base class of the runtime LoRA layers; subclasses give the low-rank path and the shape helpers.
+
+    The layer keeps the base module's own parameters, buffers and children (the very same objects) under the
+    same names, so the model's ``state_dict()`` keys stay valid, and the base module object itself
+    (unregistered, since its tensors are ours) so that it can be called and put back by :meth:`base_layer`.
+    The base output is always the base module's own: the plain path calls ``base(x)``; the fused path
+    (:mod:`lorakit.layers.fast`) is taken only for an exactly registered type with no hooks, whose forward it
+    reproduces op for op.
+
+    Subclasses set :attr:`kind` and implement :meth:`lora_forward`, :meth:`weight_forward` and the shape helpers.
     """
 
     kind: str
@@ -92,22 +119,52 @@ class LoraLayer(nn.Module):
     has_fast_path: bool = False
 
     def __init__(self, base: nn.Module):
+        problem = self.wrap_problem(base)
+        if problem is not None:
+            raise LorakitError(problem)
         super().__init__()
-        self.weight = base.weight
-        self.bias = getattr(base, "bias", None)
+        # Register the base's own tensors and children under their names first, so state_dict() lists the base
+        # keys in the base's order, then the adapter keys.
+        for name, p in base._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in base._buffers.items():
+            self.register_buffer(name, b, persistent=name not in base._non_persistent_buffers_set)
+        for name, child in base._modules.items():
+            self.add_module(name, child)
+        if "bias" not in self._parameters:
+            self.bias = None
         self.lora = nn.ModuleDict()
-        self.routing: dict[str, slice | Tensor] | None = None
-        """Per-sample adapters for a mixed batch: adapter name → its samples (see :func:`lorakit.mixed_batch`)."""
+        self.routing: Routing | None = None
+        """Per-sample adapters for a mixed batch (see :func:`lorakit.mixed_batch`)."""
         object.__setattr__(self, "_base", base)
+        from lorakit.layers import LAYER_TYPES  # the registry lives beside the layer classes
+
+        #: Whether the base is a subclass of the registered type (its own forward may differ), see :attr:`delegates`.
+        self.subclassed = type(base) not in LAYER_TYPES
+
+    @classmethod
+    def wrap_problem(cls, base: nn.Module) -> str | None:
+        """Why this layer class cannot wrap ``base`` (one line), or ``None``. Checked before anything changes."""
+        if "lora" in base._modules or "lora" in base._parameters:
+            return f"{type(base).__name__} already has a member named 'lora'"
+        if not isinstance(getattr(base, "weight", None), torch.Tensor):
+            return f"{type(base).__name__} has no weight tensor"
+        return None
+
+    @property
+    def delegates(self) -> bool:
+        """Whether the fused path must not stand in for ``base(x)``: a subclass, or hooks on the base module."""
+        base = self._base  # type: ignore[attr-defined]
+        return self.subclassed or bool(base._forward_hooks or base._forward_pre_hooks)
 
     # -- what subclasses provide ------------------------------------------------------------------------------
 
-    def base_forward(self, x: Tensor) -> Tensor:
-        """Exactly the base layer's forward, with the (shared) base parameters."""
-        raise NotImplementedError
-
     def lora_forward(self, f: LoraFactors, x: Tensor) -> Tensor:
         """``B(A(x))`` without the scale."""
+        raise NotImplementedError
+
+    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's op with another weight and no bias (DoRA's ``W·x`` on a dropped-out input)."""
         raise NotImplementedError
 
     def fast_forward(self, x: Tensor, f: LoraFactors) -> Tensor:
@@ -131,6 +188,34 @@ class LoraLayer(nn.Module):
     #: Axis of the layer's output that indexes output units, counted from the end for linear layers.
     output_channel_dim = -1
 
+    # -- the base module ----------------------------------------------------------------------------------------
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The base module's own forward (hooks included), on the shared parameters."""
+        self._sync_base()
+        return self._base(x)  # type: ignore[attr-defined]
+
+    def _sync_base(self) -> None:
+        """Point the base module at this layer's tensors (``load_state_dict(assign=True)`` or a buffer move may
+        have replaced them here)."""
+        base = self._base  # type: ignore[attr-defined]
+        for store, ours in ((base._parameters, self._parameters), (base._buffers, self._buffers)):
+            for name in store:
+                if store[name] is not ours[name]:
+                    store[name] = ours[name]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        # .to()/.half() may give the buffers new tensor objects here; the base module must see the same ones.
+        out = super()._apply(fn, recurse)
+        self._sync_base()
+        return out
+
+    @property
+    def base_layer(self) -> nn.Module:
+        """The original base module, its tensors pointing at this layer's (possibly merged) ones."""
+        self._sync_base()
+        return self._base  # type: ignore[attr-defined]
+
     # -- the forward ------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,26 +225,43 @@ class LoraLayer(nn.Module):
         if fast is not None:
             return self.fast_forward(x, fast)
         out = self.base_forward(x)
-        for f in self.active_factors():
+        active = self.active_factors()
+        # DoRA normalises the weight it sits on: W plus every term stacked before it (Liu et al. 2024, eq. 5), so
+        # the forward tracks that effective weight, and only when a DoRA adapter comes later.
+        last_dora = max((i for i, f in enumerate(active) if f.magnitude is not None), default=-1)
+        weight = self.weight
+        for i, f in enumerate(active):
             if f.magnitude is None:
                 out = out + f.scale * self.lora_forward(f, f.dropout(x))
+                if i < last_dora:
+                    weight = weight + self.factor_delta(f)
             else:
-                out = out + self._dora_update(f, x, out)
+                update, weight = self._dora_update(f, x, out, weight, need_weight=i < last_dora)
+                out = out + update
         return out
 
-    def mixed_forward(self, x: Tensor, routing: dict[str, slice | Tensor]) -> Tensor:
+    def mixed_forward(self, x: Tensor, routing: Routing) -> Tensor:
         """One forward over a batch whose samples use different adapters (or none).
 
-        The base GEMM runs once over the whole batch; each adapter then adds its low-rank term to its own samples
-        only (a view when they are contiguous, a gather/scatter otherwise), as in multi-LoRA serving (Punica,
-        S-LoRA).
+        The base forward runs once over the whole batch; each adapter then adds its low-rank term to its own
+        samples only (a view when they are contiguous, a gather/scatter otherwise), as in multi-LoRA serving
+        (Punica, S-LoRA).
 
         Args:
-            x: (N, ...) with the samples on dim 0.
-            routing: adapter name → its samples, a slice or a LongTensor of indices into dim 0.
+            x: (N, ...) with the samples on dim 0; N must equal the length of the batch's adapter list.
+            routing: the samples of each adapter.
+
+        Raises:
+            AdapterStateError: the batch size is not the length of the adapter list.
         """
-        out = self.base_forward(x)
-        for name, rows in routing.items():
+        if x.shape[0] != routing.size:
+            raise AdapterStateError(f"mixed batch: {routing.size} adapter name(s) given for a batch of "
+                                    f"{x.shape[0]} sample(s)")
+        base_out = self.base_forward(x)
+        dora = any(name in self.lora and self.lora[name].magnitude is not None for name in routing.rows)
+        # DoRA reads base_out (W·x) for backward: accumulate into a copy then, so autograd keeps the original.
+        out = base_out.clone() if dora and torch.is_grad_enabled() else base_out
+        for name, rows in routing.rows.items():
             f = self.lora[name] if name in self.lora else None
             if f is None or not f.enabled:
                 continue
@@ -168,39 +270,52 @@ class LoraLayer(nn.Module):
             if f.magnitude is None:
                 update, alpha = self.lora_forward(f, f.dropout(xs)), f.scale
             else:
-                update, alpha = self._dora_update(f, xs, out[rows]), 1.0
+                (update, _), alpha = self._dora_update(f, xs, base_out[rows], self.weight, need_weight=False), 1.0
             if isinstance(rows, slice):
                 out[rows].add_(update, alpha=alpha)
             else:
                 out = out.index_add(0, rows, update, alpha=alpha)
         return out
 
-    def _dora_update(self, f: LoraFactors, x: Tensor, base_out: Tensor) -> Tensor:
-        """DoRA's addition to ``base(x)``: rescale the base direction and add the scaled low-rank path."""
-        low = self.factor_delta(f)
-        mag_scale = (f.magnitude / self._weight_norm(self.weight + low).detach())
-        shape = [1] * base_out.ndim
-        shape[self.output_channel_dim] = -1
-        mag_scale = mag_scale.view(shape)
-        xd = f.dropout(x)
-        # With dropout active, W·x must be recomputed on the dropped input (as in PEFT); else reuse base(x) − bias.
-        if isinstance(f.dropout, nn.Identity) or not self.training:
-            wx = base_out if self.bias is None else base_out - self.bias.view(shape)
-        else:
-            wx = self.base_forward_nobias(xd)
-        return (mag_scale - 1) * wx + mag_scale * f.scale * self.lora_forward(f, xd)
+    def _dora_update(self, f: LoraFactors, x: Tensor, out: Tensor, weight: Tensor, need_weight: bool
+                     ) -> tuple[Tensor, Tensor]:
+        """DoRA's addition to ``out`` (the output so far, ``W'·x + b`` with ``W'`` = ``weight``), and the weight
+        after it.
 
-    def base_forward_nobias(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        With strength t the layer moves t of the way from ``W'`` to DoRA's weight (as ComfyUI applies DoRA
+        strengths), so t = 0 is the layer without this adapter:
+        ``t·[(m/‖W'+ΔW‖ − 1)·W'x + m/‖W'+ΔW‖·ΔW·x]``, ΔW = (alpha/r)·B·A.
+        """
+        low = self.factor_delta(f, with_strength=False)
+        mag_scale = f.magnitude / self._weight_norm(weight + low).detach()
+        shape = [1] * out.ndim
+        shape[self.output_channel_dim] = -1
+        mag = mag_scale.view(shape)
+        xd = f.dropout(x)
+        # With dropout active, W'·x must be recomputed on the dropped input (as in PEFT); else reuse out − bias.
+        if isinstance(f.dropout, nn.Identity) or not self.training:
+            wx = out if self.bias is None else out - self.bias.view(shape)
+        else:
+            wx = self.weight_forward(xd, weight)
+        update = (mag - 1) * wx + mag * f.base_scale * self.lora_forward(f, xd)
+        if f.strength != 1.0:
+            update = f.strength * update
+        if not need_weight:
+            return update, weight
+        wshape = [1] * weight.ndim
+        wshape[self.weight_out_dim] = -1
+        dora_w = (weight + low) * mag_scale.view(wshape)
+        return update, weight + f.strength * (dora_w - weight)
 
     def _fast_path_factors(self, x: Tensor) -> LoraFactors | None:
         """The one adapter a fused autograd function (:mod:`lorakit.layers.fast`) can run, or ``None``.
 
-        The fused functions need: a single active plain-LoRA adapter (no DoRA), a frozen base weight and bias,
-        the base dtype for x, no mixed batch, and no autocast (whose casts the plain path leaves to PyTorch).
+        The fused functions need: an exactly registered base type with no hooks (they stand in for its forward), a
+        single active plain-LoRA adapter (no DoRA), a frozen base weight and bias, the base dtype for x, no mixed
+        batch, and no autocast (whose casts the plain path leaves to PyTorch).
         """
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (self.use_fast_path and self.has_fast_path and frozen and self.routing is None):
+        if not (self.use_fast_path and self.has_fast_path and frozen and self.routing is None) or self.delegates:
             return None
         active = self.active_factors()
         if len(active) != 1 or active[0].magnitude is not None or x.dtype != self.weight.dtype:
@@ -258,10 +373,13 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"unknown init {init!r} (known: {', '.join(INITS)})")
         if rank < 1:
             raise LorakitError(f"rank must be ≥ 1, got {rank}")
+        if dora and self.kind == "embedding":
+            raise LorakitError("DoRA is not supported on embedding layers")
         dev, dtype = self.weight.device, self.weight.dtype
         a_shape = (rank, self.in_features, *self.kernel_size)
-        A = torch.empty(a_shape, device=dev, dtype=dtype)
-        B = torch.zeros(self.out_features, rank, device=dev, dtype=dtype)
+        # Drawn on the CPU, then moved: a seeded generator gives the same factors on every device.
+        A = torch.empty(a_shape, dtype=dtype)
+        B = torch.zeros(self.out_features, rank, dtype=dtype)
         if init == "pissa":
             A, B = self._pissa(rank, lora_scale(alpha, rank, rslora))
         elif self.kind == "embedding":
@@ -273,10 +391,9 @@ class LoraLayer(nn.Module):
             A.uniform_(-bound, bound, generator=generator)
         else:
             A.normal_(0.0, 1.0 / rank, generator=generator)
+        A, B = A.to(dev), B.to(dev)
         magnitude = None
         if dora:
-            if self.kind == "embedding":
-                raise LorakitError("DoRA is not supported on embedding layers")
             with torch.no_grad():
                 low = (B @ A.flatten(1)) * lora_scale(alpha, rank, rslora)
                 magnitude = self._weight_norm(self.weight + self._to_layout(low)).detach().clone()
@@ -301,26 +418,35 @@ class LoraLayer(nn.Module):
         """(out, in·k) → this layer's weight layout."""
         return d2.T if self.weight_out_dim == 1 else d2.view_as(self.weight)
 
-    def factor_delta(self, f: LoraFactors) -> Tensor:
-        """``s·B·A`` of one adapter in the base weight's layout (differentiable)."""
-        return self._to_layout((f.B @ f.A.flatten(1)) * f.scale)
+    def factor_delta(self, f: LoraFactors, with_strength: bool = True) -> Tensor:
+        """``s·B·A`` of one adapter in the base weight's layout (differentiable); ``s`` without the strength if
+        ``with_strength`` is false."""
+        return self._to_layout((f.B @ f.A.flatten(1)) * (f.scale if with_strength else f.base_scale))
 
     # -- data <-> layer ---------------------------------------------------------------------------------------
 
     def to_data(self, name: str, bake_strength: bool = False) -> ModuleLora:
         """The adapter ``name`` as data (detached copies). ``bake_strength`` folds the strength into alpha."""
         f = self.factors(name)
+        if bake_strength and f.magnitude is not None and f.strength != 1.0:
+            raise AdapterStateError(f"adapter {name!r}: a DoRA strength ({f.strength:g}) is not a change of alpha "
+                                    f"and cannot be baked into the file; merge it instead")
         alpha = f.alpha * f.strength if bake_strength else f.alpha
         mag = None if f.magnitude is None else f.magnitude.detach().clone()
         return ModuleLora(A=f.A.detach().clone(), B=f.B.detach().clone(), alpha=alpha, kind=self.kind,
                           rslora=f.rslora, magnitude=mag)
 
     def factors_from_data(self, m: ModuleLora, dropout: float = 0.0) -> LoraFactors:
-        """Layer factors holding copies of ``m``'s tensors, on this layer's device."""
+        """Layer factors holding copies of ``m``'s tensors in this layer's dtype and on its device (a float32 file
+        on a bf16 model gives bf16 factors: the factor policy of :mod:`lorakit.record`)."""
         dev = self.weight.device
-        mag = None if m.magnitude is None else m.magnitude.detach().clone().to(dev)
-        return LoraFactors(m.A.detach().clone().to(dev), m.B.detach().clone().to(dev), m.alpha, rslora=m.rslora,
-                           dropout=dropout, magnitude=mag)
+        dtype = self.weight.dtype if self.weight.is_floating_point() else m.A.dtype
+
+        def copy(t: Tensor) -> Tensor:
+            return t.detach().to(device=dev, dtype=dtype, copy=True)
+
+        mag = None if m.magnitude is None else copy(m.magnitude)
+        return LoraFactors(copy(m.A), copy(m.B), m.alpha, rslora=m.rslora, dropout=dropout, magnitude=mag)
 
     # -- merge ------------------------------------------------------------------------------------------------
 
@@ -343,16 +469,21 @@ class LoraLayer(nn.Module):
     def _merge(self, names: Iterable[str] | None) -> list[str]:
         done = []
         pairs = self.lora.items() if names is None else [(n, self.factors(n)) for n in names]
+        if not self.weight.is_floating_point():
+            raise AdapterStateError(f"cannot merge into a {self.weight.dtype} weight ({type(self._base).__name__}); "
+                                    f"run the adapter unmerged")
         for name, f in pairs:
             if f.merged or (names is None and not f.enabled):
                 continue
             if f.magnitude is None:
                 self._add_lowrank_(f, 1.0)
             else:
-                low = self.factor_delta(f).to(self.weight.dtype)
-                merged = dora_weight(self.weight, low, f.magnitude, self.kind)
-                f._dora_merge_scale = f.magnitude / self._weight_norm(self.weight + low)
-                self.weight.copy_(merged)
+                # W ← W + t·(m/‖W+ΔW‖ ⊙ (W+ΔW) − W), the forward's strength rule (see _dora_update).
+                low = self.factor_delta(f, with_strength=False).to(self.weight.dtype)
+                mag = (f.magnitude / self._weight_norm(self.weight + low)).view(self._out_shape())
+                f._dora_merge_scale = mag
+                t = f.strength
+                self.weight.mul_(1 - t + t * mag).add_(t * mag * low)
             f.merged = True
             done.append(name)
         return done
@@ -366,10 +497,9 @@ class LoraLayer(nn.Module):
             if f.magnitude is None:
                 self._add_lowrank_(f, -1.0)
             else:
-                shape = [1] * self.weight.ndim
-                shape[self.weight_out_dim] = -1
-                low = self.factor_delta(f).to(self.weight.dtype)
-                self.weight.div_(f._dora_merge_scale.view(shape)).sub_(low)
+                mag, t = f._dora_merge_scale, f.strength
+                low = self.factor_delta(f, with_strength=False).to(self.weight.dtype)
+                self.weight.sub_(t * mag * low).div_(1 - t + t * mag)
                 f._dora_merge_scale = None
             f.merged = False
             done.append(name)
@@ -384,14 +514,11 @@ class LoraLayer(nn.Module):
             A, B = A.to(w.dtype), B.to(w.dtype)
         w2.addmm_(B, A.flatten(1), alpha=sign * f.scale)
 
-    @property
-    def base_layer(self) -> nn.Module:
-        """The original base module, its parameters pointing at this layer's (possibly merged) weight."""
-        base = self._base  # type: ignore[attr-defined]
-        base.weight = self.weight
-        if self.bias is not None:
-            base.bias = self.bias
-        return base
+    def _out_shape(self) -> list[int]:
+        """A broadcast shape that puts a per-output-unit vector along the weight's output axis."""
+        shape = [1] * self.weight.ndim
+        shape[self.weight_out_dim] = -1
+        return shape
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in={self.in_features}, out={self.out_features}"

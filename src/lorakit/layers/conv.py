@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.errors import LorakitError
 from lorakit.layers.base import LoraFactors, LoraLayer
 from lorakit.layers.fast import LoraConvFn
 
@@ -23,8 +22,6 @@ class LoraConv(LoraLayer):
     has_fast_path = True
 
     def __init__(self, base: nn.Conv1d | nn.Conv2d):
-        if base.groups != 1:
-            raise LorakitError(f"LoRA on grouped convolutions is not supported (groups={base.groups})")
         super().__init__(base)
         self.kind = "conv2d" if isinstance(base, nn.Conv2d) else "conv1d"
         self.output_channel_dim = 1
@@ -33,6 +30,12 @@ class LoraConv(LoraLayer):
         self.padding_mode = base.padding_mode
         self._pad = base._reversed_padding_repeated_twice
         self._in, self._out, self._kernel = base.in_channels, base.out_channels, tuple(base.kernel_size)
+
+    @classmethod
+    def wrap_problem(cls, base: nn.Module) -> str | None:
+        if getattr(base, "groups", 1) != 1:
+            return f"LoRA on grouped convolutions is not supported (groups={base.groups})"
+        return super().wrap_problem(base)
 
     @property
     def in_features(self) -> int:
@@ -56,17 +59,14 @@ class LoraConv(LoraLayer):
         return super()._fast_path_factors(x) if explicit else None
 
     def _conv_like_base(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        # The same steps as nn.ConvNd._conv_forward, so the base output is bit-identical to the unwrapped layer.
+        # The same steps as nn.ConvNd._conv_forward, so a path computed with it matches the unwrapped layer's.
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)
             return self._conv(x, weight, bias, self.stride, 0, self.dilation)
         return self._conv(x, weight, bias, self.stride, self.padding, self.dilation)
 
-    def base_forward(self, x: Tensor) -> Tensor:
-        return self._conv_like_base(x, self.weight, self.bias)
-
-    def base_forward_nobias(self, x: Tensor) -> Tensor:
-        return self._conv_like_base(x, self.weight, None)
+    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_like_base(x, weight, None)
 
     def lora_forward(self, f: LoraFactors, x: Tensor) -> Tensor:
         pointwise = f.B.view(*f.B.shape, *([1] * len(self._kernel)))  # (out, r, 1[, 1])

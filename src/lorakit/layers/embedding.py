@@ -12,7 +12,7 @@ class LoraEmbedding(LoraLayer):
     """``h = E[i] + s · (Aᵀ[i]) Bᵀ`` with A: (r, num_embeddings), B: (embedding_dim, r).
 
     The table update is ``ΔE = s·(B·A)ᵀ``, (num_embeddings, embedding_dim). Dropout does not apply (the input is
-    token ids).
+    token ids), and neither does the base's ``max_norm`` (it applies to the base table only).
     """
 
     kind = "embedding"
@@ -20,8 +20,7 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base: nn.Embedding):
         super().__init__(base)
-        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
-        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.padding_idx, self.scale_grad_by_freq = base.padding_idx, base.scale_grad_by_freq
 
     @property
     def in_features(self) -> int:
@@ -31,12 +30,7 @@ class LoraEmbedding(LoraLayer):
     def out_features(self) -> int:
         return int(self.weight.shape[1])
 
-    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
-        return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                           self.sparse)
-
-    def base_forward(self, x: Tensor) -> Tensor:
-        return self._lookup(x, self.weight)
-
     def lora_forward(self, f: LoraFactors, x: Tensor) -> Tensor:
-        return self._lookup(x, f.A.T) @ f.B.T
+        # No max_norm here: F.embedding renormalises the rows it looks up *in place*, which would rewrite A. The
+        # base lookup (base(x)) keeps the base layer's own max_norm behaviour on its own table.
+        return F.embedding(x, f.A.T, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False) @ f.B.T

@@ -22,7 +22,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
-        self.transposed = not isinstance(base, nn.Linear)
+        self.transposed = not isinstance(base, nn.Linear)  # the registry only hands Linear or Conv1D here
         self.kind = "linear_t" if self.transposed else "linear"
         self.weight_out_dim = 1 if self.transposed else 0
 
@@ -41,14 +41,8 @@ class LoraLinear(LoraLayer):
             return out.view(*x.shape[:-1], out.shape[-1])
         return LoraLinearFn.apply(x, self.weight, self.bias, f.A, f.B, f.scale, f.dropout_p, self.transposed)
 
-    def base_forward(self, x: Tensor) -> Tensor:
-        if self.transposed:  # transformers' Conv1D.forward, op for op, so outputs stay bit-identical
-            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-    def base_forward_nobias(self, x: Tensor) -> Tensor:
-        return x @ self.weight if self.transposed else F.linear(x, self.weight)
+    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight if self.transposed else F.linear(x, weight)
 
     def lora_forward(self, f: LoraFactors, x: Tensor) -> Tensor:
         return linear_lora(x, f.A, f.B)
