@@ -67,8 +67,24 @@ def _wrap(model: nn.Module, path: str) -> LoraLayer:
         raise LorakitError(f"module {path!r}: {problem}")
     layer = layer_type(module)
     _set_submodule(model, path, layer)
+    if _under_fused_block(model, path):
+        # nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) reads its linears'
+        # weights directly and would skip the adapter; PyTorch turns it off for a block whose modules have hooks.
+        layer.register_forward_pre_hook(_keep_module_calls)
     get_record(model).wrapped[path] = WrappedModule(qualname(type(module)), layer.kind, layer.delegates)
     return layer
+
+
+def _under_fused_block(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` lies inside a PyTorch block with a fused inference kernel that bypasses its submodules."""
+    segs = path.split(".")
+    return any(isinstance(model.get_submodule(".".join(segs[:i])), nn.TransformerEncoderLayer)
+               for i in range(1, len(segs)))
+
+
+def _keep_module_calls(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook; its presence keeps fused PyTorch blocks calling their submodules."""
+    return None
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
