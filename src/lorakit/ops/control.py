@@ -102,13 +102,18 @@ def bake_strengths(adapter: Adapter, strengths: Mapping[str, float] | str, famil
         strengths: block → strength, or an LBW string; blocks not mentioned keep strength 1.
 
     Raises:
-        LorakitError: a block name outside the family's vocabulary.
+        LorakitError: a block name outside the family's vocabulary; a strength other than 1 on a block with DoRA
+            modules (a DoRA strength scales the whole DoRA delta, which alpha cannot express).
     """
     family = family or detect_family(adapter.paths)
     values = _strengths(strengths, family, adapter.paths)
     out = adapter
     for block, value in values.items():
         paths = [p for p in adapter.paths if block_of(p, family) == block]
+        dora = [p for p in paths if adapter.modules[p].magnitude is not None]
+        if dora and value != 1.0:
+            raise LorakitError(f"block {block!r}: strength {value:g} on DoRA module(s) {dora[:3]} cannot be baked "
+                               f"into alpha; merge with that strength instead")
         if paths and value != 1.0:
             out = out.scaled(value, paths)
     return out

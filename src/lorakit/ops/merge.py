@@ -19,13 +19,15 @@ def merge_state_dict(state: Mapping[str, Tensor], adapter: Adapter, strength: fl
     Args:
         state: base weights; ``<prefix><module>.weight`` must exist for every adapter module.
         adapter: the adapter; DoRA modules use their base weight.
-        strength: multiplier of every update (goes into alpha).
+        strength: multiplier of every update: into alpha for plain LoRA; for DoRA, of the whole DoRA delta
+            (``W + t·(DoRA(W) − W)``, as the runtime layer applies a DoRA strength).
         prefix: prepended to adapter paths to find state keys (e.g. ``"unet."``).
 
     Raises:
         LorakitError: listing every missing key and shape mismatch.
     """
-    adapter = adapter.scaled(strength) if strength != 1.0 else adapter
+    plain = [p for p, m in adapter.modules.items() if m.magnitude is None]
+    adapter = adapter.scaled(strength, plain) if strength != 1.0 else adapter
     problems = []
     out = dict(state)
     for path, m in adapter.modules.items():
@@ -38,6 +40,8 @@ def merge_state_dict(state: Mapping[str, Tensor], adapter: Adapter, strength: fl
             problems.append(f"{key!r}: base has shape {tuple(w.shape)}, adapter expects {m.weight_shape}")
             continue
         delta = m.delta(w.to(m.A.dtype))
+        if m.magnitude is not None and strength != 1.0:
+            delta = delta * strength
         out[key] = (w.double() + delta.double()).to(w.dtype)
     for key, t in adapter.overrides.items():
         full = prefix + key
