@@ -139,3 +139,8 @@ def test_extract_energy_out_of_range_names_the_option(energy):
 
     with pytest.raises(LorakitError, match="energy"):
         extract_module(torch.zeros(4, 3), torch.ones(4, 3), "linear", energy=energy)
+
+
+def test_extract_energy_of_a_zero_difference_is_one_zero_direction():
+    m, kept = extract_module(torch.ones(6, 5), torch.ones(6, 5), "linear", energy=0.9, max_rank=4)
+    assert m.rank == 1 and kept == 1.0 and float(m.delta().abs().max()) == 0.0

@@ -232,8 +232,10 @@ def _extract_batch(ds: list[Tensor], weight_shape: torch.Size, dtype: torch.dtyp
     out = []
     for i, total in enumerate(totals):
         u, s, vh = U[i], S[i], Vh[i]
-        if rank is not None or total <= 0:
+        if rank is not None:
             k = want
+        elif total <= 0:  # nothing to hold: one (zero) direction
+            k = 1
         else:
             k = _rank_for_share(s, energy * total, want, d.dtype)
             if k is None and q < cap and _may_reach(s, total, energy * total, want, d.dtype):
