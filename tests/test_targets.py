@@ -161,10 +161,6 @@ def test_all_linear_output_head_of_transformers_models_matches_peft(kind, expect
     assert got == _peft_all_linear(model, "SEQ_CLS" if kind.endswith("-cls") else None)
 
 
-@pytest.mark.xfail(strict=True, reason="nn.TransformerEncoderLayer's inference fast path "
-                   "(torch._transformer_encoder_layer_fwd) reads linear1/linear2.weight directly and skips their "
-                   "adapters in eval mode under no_grad; the fix belongs to inject/layers (disable that path on "
-                   "adapted layers), not to target selection")
 def test_adapters_on_transformer_encoder_feed_forward_run_in_eval_mode():
     from lorakit import inject
     from tests.conftest import randomize_b
@@ -179,3 +175,22 @@ def test_adapters_on_transformer_encoder_feed_forward_run_in_eval_mode():
         model.train()  # dropout is 0: train mode computes the same function, on the slow path
         trained = model(x)
     assert torch.allclose(evaluated, trained, atol=1e-5)
+
+
+def test_adapters_in_a_transformer_encoder_run_with_a_padding_mask_in_eval_mode():
+    from lorakit import inject
+    from tests.conftest import randomize_b
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2).eval()
+    model = nn.Sequential(enc)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    inject(model, ["linear1", "linear2"], rank=2, seed=0)
+    randomize_b(model)
+    with torch.no_grad():
+        evaluated = enc(x, src_key_padding_mask=mask)
+        enc.train()
+        trained = enc(x, src_key_padding_mask=mask)
+    assert torch.allclose(evaluated[0], trained[0], atol=1e-5)
+    assert torch.allclose(evaluated[1, :3], trained[1, :3], atol=1e-5)

@@ -67,19 +67,28 @@ def _wrap(model: nn.Module, path: str) -> LoraLayer:
         raise LorakitError(f"module {path!r}: {problem}")
     layer = layer_type(module)
     _set_submodule(model, path, layer)
-    if _under_fused_block(model, path):
-        # nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) reads its linears'
-        # weights directly and would skip the adapter; PyTorch turns it off for a block whose modules have hooks.
-        layer.register_forward_pre_hook(_keep_module_calls)
+    _keep_fused_blocks_off(model, path, layer)
     get_record(model).wrapped[path] = WrappedModule(qualname(type(module)), layer.kind, layer.delegates)
     return layer
 
 
-def _under_fused_block(model: nn.Module, path: str) -> bool:
-    """Whether ``path`` lies inside a PyTorch block with a fused inference kernel that bypasses its submodules."""
+def _keep_fused_blocks_off(model: nn.Module, path: str, layer: LoraLayer) -> None:
+    """Keep PyTorch's fused transformer kernels from bypassing the adapter at ``path``.
+
+    In eval mode ``nn.TransformerEncoderLayer`` runs one kernel (``torch._transformer_encoder_layer_fwd``) that
+    reads its linears' weights directly; PyTorch turns it off for a block whose modules have hooks, so the layer
+    gets a no-op pre-hook. ``nn.TransformerEncoder`` would also pack padded batches into nested tensors for that
+    kernel; its ``use_nested_tensor`` is switched off (a speed path only: outputs are the same).
+    """
     segs = path.split(".")
-    return any(isinstance(model.get_submodule(".".join(segs[:i])), nn.TransformerEncoderLayer)
-               for i in range(1, len(segs)))
+    hooked = False
+    for i in range(len(segs)):
+        block = model.get_submodule(".".join(segs[:i]))
+        if isinstance(block, nn.TransformerEncoderLayer) and not hooked:
+            layer.register_forward_pre_hook(_keep_module_calls)
+            hooked = True
+        elif isinstance(block, nn.TransformerEncoder):
+            block.use_nested_tensor = False
 
 
 def _keep_module_calls(module: nn.Module, args: tuple) -> None:
