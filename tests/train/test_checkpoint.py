@@ -22,6 +22,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
 
 LORA = {"adapter + trained batch norm": {"targets": ["all-conv"], "rank": 2, "train": ["linear", "bn1"]},
+        "head and batch norm only": {"targets": [], "train": ["linear", "bn1"]},
         "full fine-tune": {"targets": [], "full_finetune": True}}
 
 
