@@ -155,3 +155,27 @@ def test_checkpoint_folders_keep_the_usual_mode(tiny_lm, tmp_path: Path) -> None
     os.umask(umask)
     folder = latest_checkpoint(tmp_path / "run")
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_each_rank_restores_its_own_rng_state(tmp_path: Path) -> None:
+    from lorakit.errors import FileFormatError
+    from lorakit.inject import inject
+    from lorakit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, trained_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject(model, ["0"], rank=2, seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    states = []
+    for seed in (1, 2):  # two ranks, two different streams
+        torch.manual_seed(seed)
+        states.append(rng_state(torch.device("cpu")))
+    folder = save_checkpoint(tmp_path, 1, trained_state(model), opt, states, {})
+    torch.manual_seed(99)
+    load_checkpoint(folder, model, opt, rank=1)
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"])
+    load_checkpoint(folder, model, opt, rank=0)
+    assert torch.equal(torch.get_rng_state(), states[0]["torch"])
+    with pytest.raises(FileFormatError, match="torch.rank2.*saved by 2 process"):
+        load_checkpoint(folder, model, opt, rank=2)
