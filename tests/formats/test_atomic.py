@@ -273,3 +273,43 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     path.chmod(0o640)
     native.save(make_adapter(2.0, 2), path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names file descriptors through /proc")
+def test_temp_file_is_fsynced_before_the_replace_and_the_folder_after(tmp_path, monkeypatch):
+    from lorakit.formats import atomic
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync",
+                        lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(atomic.os, "replace",
+                        lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    path = tmp_path / "a.safetensors"
+    native.save(make_adapter(1.0, 1), path)
+    kinds = [(kind, Path(p).name.startswith(".lorakit-tmp."), Path(p) == tmp_path) for kind, p in events]
+    assert kinds == [("fsync", True, False), ("replace", False, False), ("fsync", False, True)]
+
+
+def test_replacing_a_directory_keeps_foreign_files_and_drops_stale_parts(tmp_path):
+    x, y = make_adapter(1.0, 3), make_adapter(2.0, 2)
+    peft.save(x, tmp_path / "peft")
+    (tmp_path / "peft" / "README.md").write_text("mine")
+    peft.save(y, tmp_path / "peft")
+    assert (tmp_path / "peft" / "README.md").read_text() == "mine"
+    assert adapters_equal(peft.load(tmp_path / "peft"), y)
+
+    save_split(split(x, "component"), tmp_path / "pkg")
+    (tmp_path / "pkg" / "notes.txt").write_text("mine")
+    save_split(split(y, "component"), tmp_path / "pkg")  # 2 parts where there were 3
+    assert sorted(os.listdir(tmp_path / "pkg")) == ["c0.safetensors", "c1.safetensors", "notes.txt", "split.json"]
+    assert adapters_equal(join(load_split(tmp_path / "pkg")), y)
+    assert sorted(os.listdir(tmp_path)) == ["peft", "pkg"]
+
+
+def test_a_file_is_not_replaced_by_a_directory(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(LorakitError, match="out: exists and is not a directory"):
+        peft.save(make_adapter(1.0, 1), tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "a file"
+    assert os.listdir(tmp_path) == ["out"]
