@@ -313,3 +313,44 @@ def test_a_file_is_not_replaced_by_a_directory(tmp_path):
         peft.save(make_adapter(1.0, 1), tmp_path / "out")
     assert (tmp_path / "out").read_text() == "a file"
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_part_is_hashed_from_the_bytes_that_are_parsed(tmp_path):
+    """A part file replaced (by another valid part) while it is read: the read returns the part the manifest
+    hashed, or refuses the other one by its hash; never the other part under this part's hash."""
+    from lorakit.ops.package import read_manifest, read_part
+
+    x, y = make_adapter(1.0, 1), make_adapter(2.0, 1)
+    save_split(split(x, "component"), tmp_path / "pkg")
+    save_split(split(y, "component"), tmp_path / "other")
+    entry = read_manifest(tmp_path / "pkg")["parts"][0]
+    part = tmp_path / "pkg" / entry["file"]
+    blobs = [part.read_bytes(), (tmp_path / "other" / entry["file"]).read_bytes()]
+    assert len(blobs[0]) == len(blobs[1]) and blobs[0] != blobs[1]
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            tmp = part.with_suffix(".swap")
+            tmp.write_bytes(blobs[i % 2])
+            os.replace(tmp, part)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    tally: Counter = Counter()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                got = read_part(tmp_path / "pkg", entry).adapter
+            except LorakitError as e:
+                assert "does not match the manifest" in str(e)
+                tally["refused"] += 1
+                continue
+            tally["x" if adapters_equal(got, x) else "y" if adapters_equal(got, y) else "mixed"] += 1
+    finally:
+        stop.set()
+        t.join()
+    assert set(tally) <= {"x", "refused"} and tally["x"] > 10, dict(tally)
