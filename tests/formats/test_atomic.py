@@ -8,6 +8,12 @@ output must load and be wholly the old adapter or wholly the new one.
 
 Race tests: a writer thread writes adapters X and Y alternately while a reader reads; X and Y have the same
 shapes, so only alphas and factors tell them apart, and every read must be wholly X or wholly Y.
+
+Measured on the code before this change (files written one by one into the output folder, header and tensors
+read through separate opens, a part hashed and then read again): killing ``convert --to peft`` over an old
+output left old 1 / new 1 / X's config with Y's weights 2 of 4 kills; killing ``split`` left a package that does
+not load 28 of 30 kills; reads racing writes were mixed 16 of 1,042 times (native), 164 of 685 (PEFT), and split
+reads failed 737 of 769 times. Now: convert 9 kills, old 7 / new 2; split 35 kills, old 33 / new 2; no mixed read.
 """
 
 from __future__ import annotations
