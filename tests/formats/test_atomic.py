@@ -3,7 +3,7 @@
 Kill tests: the CLI's ``convert --to peft`` and ``split`` are run in a child process that SIGKILLs itself at the
 N-th write step (``LORAKIT_KILL_AT=N``, see :mod:`lorakit.formats.atomic`), for every N until a run completes.
 Each child is forked from the test process, which has torch imported already (an exec'ed ``lorakit`` costs 2.6 s
-of imports per kill); one test runs the real ``python -m lorakit.cli`` executable as well. After every kill the
+of imports per kill); one test runs the real ``python -m lorakit`` executable as well. After every kill the
 output must load and be wholly the old adapter or wholly the new one.
 
 Race tests: a writer thread writes adapters X and Y alternately while a reader reads; X and Y have the same
@@ -188,7 +188,7 @@ def test_kill_between_renames_of_the_real_cli_is_recovered_by_the_reader(fast_tm
     target = fast_tmp / "work" / "out"
     assert run_cli(["convert", str(src / "x.safetensors"), str(target), "--to", "peft"], None) == 0
     old = peft.load(target)
-    base = [sys.executable, "-m", "lorakit.cli", "convert"]
+    base = [sys.executable, "-m", "lorakit", "convert"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # Steps of `convert --to peft`: 1 = temporary directory created, 2-5 = weights and config written and
     # replaced inside it, 6 = directory complete, 7 = old directory moved aside.
