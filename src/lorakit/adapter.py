@@ -118,10 +118,13 @@ class ModuleLora:
     def delta_norm(self) -> float:
         """Frobenius norm of ``scale·B·A`` from the r×r Gram matrices, without forming B·A.
 
-        ‖BA‖²_F = tr(AᵀBᵀBA) = Σ (BᵀB) ⊙ (AAᵀ), which costs O((in+out)·r²).
+        ‖BA‖²_F = tr(AᵀBᵀBA) = Σ (BᵀB) ⊙ (AAᵀ), which costs O((in+out)·r²). When r exceeds out or in·k (a
+        composed or hostile file), B·A itself is the smaller matrix, so memory stays bounded by the factors' size.
         """
         a = self.A.flatten(1).double()
         b = self.B.double()
+        if self.rank > min(b.shape[0], a.shape[1]):
+            return abs(self.scale) * float(torch.linalg.matrix_norm(b @ a))
         sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0)
         return abs(self.scale) * float(sq.sqrt())
 

@@ -1,35 +1,99 @@
 """The ``lorakit`` command line: each verb calls one library function, prints, and maps errors to exit codes.
 
-Exit codes: 0 success, 1 a lorakit error (bad file, bad option value), 2 usage error (typer's own).
+Exit codes: 0 success; 1 a clean refusal (a :class:`LorakitError`: bad file, bad option value), one line on stderr;
+2 a usage error (typer's own); 3 an internal error (any other exception, a lorakit bug): one line naming the
+exception type, its message and the command's file arguments. The global ``--debug`` option prints the traceback
+instead of the one line (same exit codes).
 """
 
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from lorakit.errors import LorakitError
 from lorakit.formats import native
 from lorakit.formats.safetensors_io import sha256_file
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+#: Exit code of a clean refusal and of an internal error (2 is typer's usage error).
+EXIT_REFUSED, EXIT_INTERNAL = 1, 3
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, printable whatever it holds (lone surrogates from a hostile file included)."""
+    line = "; ".join(part.strip(" -") for part in text.splitlines() if part.strip(" -"))
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _file_args(group: TyperGroup, ctx: typer.Context, argv: list[str]) -> list[str]:
+    """The path arguments and options in the command line ``argv`` (re-parsed without side effects)."""
+    try:
+        at = next(i for i, a in enumerate(argv) if a in group.commands)
+        cmd = group.commands[argv[at]]
+        sub = cmd.make_context(argv[at], argv[at + 1:], parent=ctx, resilient_parsing=True)
+    except Exception:  # noqa: BLE001 - a best-effort hint for the message, never a second error
+        return []
+    found = []
+    for value in sub.params.values():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, Path):
+                found.append(str(v))
+    return found
+
+
+class _Guarded(TyperGroup):
+    """The app's command group: whatever a command raises ends as one line on stderr and an exit code.
+
+    A :class:`LorakitError` is a clean refusal (exit 1). Any other exception is a lorakit bug: one line with its
+    type, message and the file arguments (exit 3), or the traceback with ``--debug``. Usage errors stay typer's.
+    """
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta["lorakit.argv"] = list(args)  # for naming the files in an internal error
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last resort is the point
+            refused = isinstance(e, LorakitError)
+            if ctx.params.get("debug"):
+                err.print(Text("".join(traceback.format_exception(e))), highlight=False, soft_wrap=True)
+            elif refused:
+                err.print(Text("error: ", style="red") + Text(_one_line(str(e))), highlight=False, soft_wrap=True)
+            else:
+                files = _file_args(self, ctx, ctx.meta.get("lorakit.argv", []))
+                where = f" (file(s): {', '.join(files)})" if files else ""
+                err.print(Text("internal error: ", style="red") + Text(_one_line(
+                    f"{type(e).__name__}: {e}{where}; rerun with --debug for the traceback")),
+                    highlight=False, soft_wrap=True)
+            ctx.exit(EXIT_REFUSED if refused else EXIT_INTERNAL)
+
+
+app = typer.Typer(cls=_Guarded, add_completion=False, no_args_is_help=True,
                   help="LoRA adapters as data: inspect, train, convert, split and compose adapters.")
 out = Console()
 err = Console(stderr=True)
 
 
 @app.callback()
-def root() -> None:
+def root(debug: bool = typer.Option(False, "--debug", help="print the traceback of an error instead of one line")
+         ) -> None:
     """LoRA adapters as data: inspect, train, convert, split and compose adapters."""
 
 
 def describe(path: Path) -> dict:
     """A JSON-ready summary of an adapter file: header fields and per-module rank, alpha, params, bytes, ‖ΔW‖."""
-    from lorakit.formats.detect import detect, read_any
+    from lorakit.formats.detect import detect, read_any, tensor_file
 
     dialect = detect(path)
     adapter = read_any(path)
@@ -38,8 +102,7 @@ def describe(path: Path) -> dict:
                 "delta_norm": m.delta_norm()}
                for p, m in adapter.modules.items()]
     fmt = f"{native.FORMAT} v{native.VERSION}" if dialect == "native" else dialect
-    hashed = path / "adapter_model.safetensors" if path.is_dir() else path
-    return {"file": str(path), "format": fmt, "dialect": dialect, "sha256": sha256_file(hashed),
+    return {"file": str(path), "format": fmt, "dialect": dialect, "sha256": sha256_file(tensor_file(path)),
             "base_model": adapter.base_model, "targets": list(adapter.targets), "modules": modules,
             "num_modules": len(adapter), "total_rank": adapter.total_rank, "params": adapter.num_params,
             "bytes": adapter.nbytes, "dtype": str(adapter.dtype).removeprefix("torch."),
@@ -213,7 +276,7 @@ def split(file: Path = typer.Argument(..., help="adapter to split (any dialect)"
           select: list[str] = typer.Option([], help="NAME=SELECTOR for --by selector, e.g. attn='attn1,attn2'"),
           weight: list[str] = typer.Option([], help="NAME=W: a part's default weight, e.g. band1=0.5")) -> None:
     """Split an adapter into standalone part files plus a split.json manifest."""
-    from lorakit.formats.detect import read_any
+    from lorakit.formats.detect import read_any, tensor_file
     from lorakit.ops import save_split
     from lorakit.ops import split as split_adapter
 
@@ -223,7 +286,7 @@ def split(file: Path = typer.Argument(..., help="adapter to split (any dialect)"
     except ValueError:
         raise typer.BadParameter(f"--bands: expected comma-separated integers, got {bands!r}") from None
     result = split_adapter(read_any(file), by, family=family, selectors=selectors, bands=ints,
-                           energy=_floats(energy), max_bytes=max_bytes, sha256=sha256_file(file),
+                           energy=_floats(energy), max_bytes=max_bytes, sha256=sha256_file(tensor_file(file)),
                            default_weights=_pairs(weight, number=True))
     manifest = save_split(result, out_dir)
     for p in manifest["parts"]:
@@ -331,16 +394,8 @@ def merge(base: Path = typer.Argument(..., help="base model weights (.safetensor
 
 
 def main() -> None:
-    """Entry point: run the app, turning a :class:`LorakitError` into one line on stderr and exit code 1.
-
-    Usage errors are typer's own (exit code 2).
-    """
-    try:
-        app()
-    except LorakitError as e:
-        err.print(f"[red]error:[/red] {'; '.join(line.strip(' -') for line in str(e).splitlines())}",
-                  highlight=False, soft_wrap=True)
-        raise SystemExit(1) from None
+    """Entry point: run the app; its command group maps every error to one line and an exit code (see above)."""
+    app()
 
 
 if __name__ == "__main__":

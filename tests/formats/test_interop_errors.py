@@ -133,7 +133,7 @@ def test_cli_convert_lossy_flag(tmp_path):
     args = ["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "k.safetensors"), "--to", "kohya",
             "--root", "unet"]
     res = runner.invoke(app, args)
-    assert res.exit_code != 0 and "rsLoRA" in str(res.exception)
+    assert res.exit_code == 1 and "rsLoRA" in res.stderr
     res = runner.invoke(app, [*args, "--lossy"])
     assert res.exit_code == 0, res.output
     back = detect.read_any(tmp_path / "k.safetensors")

@@ -398,6 +398,10 @@ def check_tensor_table(header: Mapping, data_bytes: int, source: object) -> None
             problems.append(f"tensor {key!r}: shape {info['shape']} of {info['dtype']} needs {need} bytes but "
                             f"data_offsets {[start, end]} hold {end - start}")
             continue
+        if end > data_bytes:
+            problems.append(f"truncated: tensor {key!r} needs bytes {start}..{end} of the data section but the "
+                            f"file holds {data_bytes}")
+            continue
         spans.append((start, end, key))
     if not problems:
         at = 0
@@ -409,8 +413,8 @@ def check_tensor_table(header: Mapping, data_bytes: int, source: object) -> None
             at = end
         else:
             if at != data_bytes:
-                problems.append(f"tensors cover {at} bytes but the data section holds {data_bytes} (truncated or "
-                                f"trailing bytes)")
+                problems.append(f"tensors cover {at} bytes but the data section holds {data_bytes} (trailing "
+                                f"bytes)")
     if problems:
         raise FileFormatError(source, f"bad safetensors header: {problems_text(problems)}")
 

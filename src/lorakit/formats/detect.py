@@ -72,6 +72,13 @@ def detect(path: str | os.PathLike) -> str:
     return dialect
 
 
+def tensor_file(path: str | os.PathLike) -> Path:
+    """The file holding an adapter's tensors: ``path`` itself, or a PEFT directory's weights file (what a hash of
+    the adapter, as in ``inspect`` and split manifests, is taken over)."""
+    path = Path(path)
+    return path / peft.WEIGHTS_NAME if path.is_dir() else path
+
+
 def read_any(path: str | os.PathLike, *, root: str | None = None,
              known_paths: Iterable[str] | None = None) -> Adapter:
     """Read an adapter of any dialect (see :func:`detect`).

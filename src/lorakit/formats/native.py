@@ -163,19 +163,18 @@ def save(adapter: Adapter, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike, modules: Iterable[str] | None = None, *, data: bytes | None = None) -> Adapter:
     """Read a native lorakit file; with ``modules``, read only those modules' tensors (overrides are skipped).
 
-    Args:
-        data: the file's bytes, already read (a split part whose hash was checked on them); ``path`` then only
-            names the file in errors.
+    Header and tensors come from one open file (or from ``data``, the file's bytes already in memory), and the
+    header must declare exactly the tensors the file holds, checked on the header alone before any tensor is read.
 
     Raises:
         FileFormatError, FormatVersionError, AdapterValidationError: naming the file and the offending key.
     """
     source = str(path)
 
-    def keys(table: dict, metadata: Mapping[str, str]) -> list[str]:  # from the header of the same open file
+    def chosen_keys(table: dict, metadata: dict) -> list[str]:
         header = parse_header(metadata, source)
         problems = tensor_set_problems(tensor_keys(header), list(table))
-        if problems:  # checked on the header alone, so a partial read refuses an inconsistent file too
+        if problems:
             raise FileFormatError(source, "; ".join(problems))
         chosen = _choose(header, modules, source)
         keys = [k for p in chosen for k in module_keys(p, header["modules"][p].get("dora", False))]
@@ -183,7 +182,10 @@ def load(path: str | os.PathLike, modules: Iterable[str] | None = None, *, data:
             keys += [OVERRIDE_PREFIX + k for k in header.get("overrides", [])]
         return keys
 
-    tensors, metadata = read_safetensors(path, keys) if data is None else parse_safetensors(data, path, keys)
+    if data is None:
+        tensors, metadata = read_safetensors(path, chosen_keys)
+    else:
+        tensors, metadata = parse_safetensors(data, source, chosen_keys)
     return from_tensors(tensors, metadata, source, modules=modules)
 
 

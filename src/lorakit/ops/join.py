@@ -33,7 +33,9 @@ def join(split: Split, partial: bool = False) -> Adapter:
 
     Raises:
         LorakitError: a module in two parts of a union split, a module or override unknown to the parent (or of
-            another kind), or (unless ``partial``) a parent module or override that no part holds.
+            another kind, or a rank the parent's does not allow), bands of one module whose shapes or dtypes
+            differ, or (unless ``partial``) a parent module or override that no part holds.
+        AdapterValidationError: the joined adapter is inconsistent (shapes, NaN/inf), naming each module.
     """
     parent = split.parent
     mods: dict[str, list[ModuleLora]] = {}
@@ -48,6 +50,9 @@ def join(split: Split, partial: bool = False) -> Adapter:
                                 f"{parent.modules[path][0]}")
             elif split.recombine == "union" and path in mods:
                 problems.append(f"module {path!r} is in more than one part of a union split")
+            elif split.recombine == "union" and m.rank != parent.modules[path][1]:
+                problems.append(f"part {part.name!r}: module {path!r} has rank {m.rank}, the parent's has "
+                                f"{parent.modules[path][1]}")
             mods.setdefault(path, []).append(m)
         for key, t in part.adapter.overrides.items():
             if key not in parent.overrides:
@@ -58,6 +63,9 @@ def join(split: Split, partial: bool = False) -> Adapter:
     if not partial:
         problems += [f"module {p!r} of the parent is in no part" for p in parent.modules if p not in mods]
         problems += [f"override {k!r} of the parent is in no part" for k in parent.overrides if k not in overrides]
+    if split.recombine != "union":
+        problems += [p for path, pieces in mods.items() if path in parent.modules
+                     for p in _band_problems(path, pieces, parent.modules[path][1])]
     if problems:
         raise LorakitError("cannot join split: " + "; ".join(problems))
     joined = {}
@@ -67,8 +75,24 @@ def join(split: Split, partial: bool = False) -> Adapter:
         pieces = mods[path]
         joined[path] = pieces[0] if split.recombine == "union" else _concat_bands(pieces, parent.modules[path])
     over = {k: overrides[k] for k in parent.overrides if k in overrides}
-    return Adapter(joined, over, base_model=parent.base_model, targets=tuple(parent.targets),
-                   metadata=dict(parent.metadata))
+    adapter = Adapter(joined, over, base_model=parent.base_model, targets=tuple(parent.targets),
+                      metadata=dict(parent.metadata))
+    return adapter.validate("joined split")
+
+
+def _band_problems(path: str, pieces: list[ModuleLora], rank: int) -> list[str]:
+    """Why the rank bands ``pieces`` of module ``path`` cannot be concatenated into one module of the parent's
+    ``rank`` (empty when they can): different in/out shapes, dtypes or kinds, or more rank than the parent's."""
+    first = pieces[0]
+    out = [f"module {path!r}: band {i} has A {tuple(m.A.shape)} / B {tuple(m.B.shape)} ({m.A.dtype}) but band 0 has "
+           f"A {tuple(first.A.shape)} / B {tuple(first.B.shape)} ({first.A.dtype})"
+           for i, m in enumerate(pieces[1:], 1)
+           if m.A.shape[1:] != first.A.shape[1:] or m.B.shape[0] != first.B.shape[0] or m.A.dtype != first.A.dtype
+           or m.B.dtype != first.B.dtype or m.kind != first.kind]
+    total = sum(m.rank for m in pieces)
+    if total > rank:  # bands split the SVD of the parent's update, whose rank is at most the parent's rank
+        out.append(f"module {path!r}: its bands add up to rank {total}, more than the parent's rank {rank}")
+    return out
 
 
 def _concat_bands(pieces: list[ModuleLora], info: tuple[str, int, float, bool]) -> ModuleLora:
