@@ -87,7 +87,8 @@ def pretrain_config(out_dir: str | Path) -> dict:
         "lora": {"targets": [], "full_finetune": True},
         "optim": {"lr": r["lr"], "batch_size": r["batch_size"], "max_steps": r["steps"], "warmup_steps": 50,
                   "schedule": "cosine", "weight_decay": 0.0},
-        "run": {"out_dir": str(out_dir), "seed": r["seed"], "eval_before": False, "log_every": 100},
+        # on the CPU wherever it runs: the cached weights must not depend on the machine having a GPU
+        "run": {"out_dir": str(out_dir), "seed": r["seed"], "eval_before": False, "log_every": 100, "device": "cpu"},
         "ot": {"tap": "encoder", "divergence": "sliced", "pair": "prior", "weight": r["sw_weight"]},
     }
 
