@@ -62,8 +62,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
     Other values pass through unchanged; containers are rebuilt, so the caller's batch is not modified.
     """
     if isinstance(batch, torch.Tensor):
-        # non_blocking: a copy from pinned host memory overlaps the compute; elsewhere it is an ordinary copy
-        return batch.to(device, non_blocking=True)
+        # host → GPU may overlap the compute (stream-ordered, so safe); a copy back to the host must not, or the
+        # caller could read it before it lands
+        return batch.to(device, non_blocking=device.type == "cuda")
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple keeps its type
