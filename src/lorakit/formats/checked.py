@@ -388,7 +388,7 @@ def check_tensor_table(header: Mapping, data_bytes: int, source: object) -> None
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        found = _ENTRY.problems(info, _at("", key) if key else "['']")
+        found = _ENTRY.problems(info, f"tensor {key!r}")
         if found:
             problems += found
             continue
