@@ -5,8 +5,8 @@ are the files lorakit itself writes (and the same files stripped of lorakit's hi
 A *variant* is a seed with one to three mutations: JSON field type swaps, deletions, huge / negative / zero / NaN
 numbers, 10⁵-deep nesting, unicode, truncation, a corrupted header length, data_offsets tweaks, dtype swaps,
 extra / missing tensors and shape changes. :func:`campaign` reads every variant through the public readers and
-counts clean refusals (:class:`LorakitError`) and raw exceptions (anything else), naming where each raw one came
-from.
+counts clean refusals (:class:`LorakitError`) and raw exceptions (anything else, and any warning a reader emits),
+naming where each raw one came from.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import random
 import shutil
 import struct
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -457,15 +458,21 @@ def campaign(target: str, n: int, work: Path, seed: int = 0, cli_every: int = 50
         report.variants += 1
         for read in readers(target):
             report.reads += 1
-            try:
-                read(folder)
-                report.accepted += 1
-            except LorakitError:
-                report.refusals += 1
-            except Exception as e:  # noqa: BLE001 - counting raw exceptions is the point
-                where = _where(e)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    read(folder)
+                    report.accepted += 1
+                except LorakitError:
+                    report.refusals += 1
+                except Exception as e:  # noqa: BLE001 - counting raw exceptions is the point
+                    where = _where(e)
+                    report.raw[where] += 1
+                    report.examples.setdefault(where, (i, str(e)[:200]))
+            for w in caught:  # a reader never warns: the library never prints, refusals are errors
+                where = f"{w.category.__name__} at {Path(w.filename).name}:{w.lineno}"
                 report.raw[where] += 1
-                report.examples.setdefault(where, (i, str(e)[:200]))
+                report.examples.setdefault(where, (i, str(w.message)[:200]))
         if cli_every and i % cli_every == 0:
             for args in cli_commands(target, folder, out, seed_files):
                 if out.exists():

@@ -244,3 +244,15 @@ def test_cli_split_of_a_peft_directory(tmp_path):
     manifest = json.loads((tmp_path / "s" / "split.json").read_text())
     assert manifest["parent"]["sha256"] == lk.formats.sha256_file(tmp_path / "p" / peft.WEIGHTS_NAME)
     assert lk.adapters_equal(load_parts(tmp_path / "s"), lk.read_any(tmp_path / "p"))
+
+
+def test_ambiguous_pattern_is_refused_without_a_warning(tmp_path):
+    import warnings
+
+    peft.save(_adapter(), tmp_path / "p")
+    config = json.loads((tmp_path / "p" / peft.CONFIG_NAME).read_text())
+    (tmp_path / "p" / peft.CONFIG_NAME).write_text(json.dumps({**config, "alpha_pattern": {"[[a]": 2}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FileFormatError, match="alpha_pattern: key '\\[\\[a\\]' is not a valid regular"):
+            lk.read_any(tmp_path / "p")

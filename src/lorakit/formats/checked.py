@@ -3,8 +3,9 @@
 Every JSON text lorakit reads from a file (the native header, PEFT's ``adapter_config.json``, diffusers'
 ``lora_adapter_metadata``, the ``lorakit.extras`` hints, the split manifest, the safetensors header itself) goes
 through :func:`parse` and a small schema (:class:`Str`, :class:`Int`, :class:`Num`, :class:`Bool`, :class:`List`,
-:class:`Map`, :class:`Obj`...), so a malformed but parseable file ends in one :class:`FileFormatError` that names the
-file and each offending key, never in a ``TypeError`` three calls later or a silent misreading:
+:class:`Map`, :class:`Obj`, :class:`Opt`, :class:`Check`), so a malformed but parseable file ends in one
+:class:`FileFormatError` that names the file and each offending key, never in a ``TypeError`` three calls later or
+a silent misreading:
 
 * types are strict: the string ``"false"`` is not a boolean, ``true`` is not a number, ``"16"`` is not an integer;
 * numbers are finite (``NaN`` / ``Infinity`` are not JSON and are refused while parsing), integers bounded;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -241,19 +243,6 @@ class Opt(Schema):
 
 
 @dataclass(frozen=True)
-class Either(Schema):
-    """A value that passes at least one of ``schemas`` (the first one's problems are reported otherwise)."""
-
-    schemas: tuple[Schema, ...]
-    expected: str
-
-    def problems(self, value, where: str) -> list[str]:
-        if any(not s.problems(value, where) for s in self.schemas):
-            return []
-        return self._wrong(value, where, self.expected)
-
-
-@dataclass(frozen=True)
 class List(Schema):
     """A list of ``item`` values, of length in ``[min_len, max_len]``, optionally without repeats."""
 
@@ -329,11 +318,14 @@ class Check(Schema):
 
 
 def regex_keys(value: dict) -> str | None:
-    """Test for :class:`Check`: every key of an object is a valid regular expression (PEFT's patterns)."""
+    """Test for :class:`Check`: every key of an object is a valid, unambiguous regular expression (PEFT's
+    patterns)."""
     for k in value:
         try:
-            re.compile(k)
-        except (re.error, RecursionError, OverflowError) as e:
+            with warnings.catch_warnings():  # "possible nested set": ambiguous, and the library never warns on input
+                warnings.simplefilter("error", FutureWarning)
+                re.compile(k)
+        except (re.error, RecursionError, OverflowError, FutureWarning) as e:
             return f"key {k[:60]!r} is not a valid regular expression ({e})"
     return None
 

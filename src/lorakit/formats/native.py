@@ -13,7 +13,8 @@ Metadata key ``lorakit`` holds JSON::
      "modules": {"<path>": {"kind": "linear", "rank": 8, "alpha": 16.0, "rslora": false, "dora": false}},
      "overrides": ["classifier.weight", ...], "metadata": {...user strings...}}
 
-The header lists every tensor the file must hold, so a reader can pick some modules and read only their bytes.
+The header lists every tensor the file holds, and a reader refuses a file holding any other (or missing one), so it
+can pick some modules and read only their bytes. Header fields are type-checked by :mod:`lorakit.formats.checked`.
 :func:`to_tensors` / :func:`from_tensors` are the pure halves; :func:`save` / :func:`load` add the file.
 """
 

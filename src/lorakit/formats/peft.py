@@ -247,16 +247,15 @@ def save(adapter: Adapter, directory: str | os.PathLike, *, lossy: bool = False)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
-    """The parsed ``adapter_config.json`` of a PEFT directory.
+    """The parsed ``adapter_config.json`` of a PEFT directory, its fields checked (:data:`CONFIG_SCHEMA`).
 
     Raises:
-        FileFormatError: missing or not a JSON object.
+        FileFormatError: missing, not a JSON object, or a field lorakit reads of the wrong type (named).
     """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileFormatError(directory, f"not a PEFT adapter directory: no {CONFIG_NAME}")
-    config = checked.load(path.read_bytes(), Obj(), path, CONFIG_NAME)
-    return checked.check(config, CONFIG_SCHEMA, path, CONFIG_NAME)
+    return checked.load(path.read_bytes(), CONFIG_SCHEMA, path, CONFIG_NAME)
 
 
 @reads_directory()  # config and weights from one directory, even while a writer swaps a new one in
