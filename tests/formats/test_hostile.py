@@ -256,3 +256,13 @@ def test_ambiguous_pattern_is_refused_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(FileFormatError, match="alpha_pattern: key '\\[\\[a\\]' is not a valid regular"):
             lk.read_any(tmp_path / "p")
+
+
+def test_json_files_are_size_checked_before_reading_and_vanishing_files_are_refused(tmp_path):
+    """A config or manifest removed between the ``is_file`` check and the read (a directory swap) used to escape
+    as FileNotFoundError from the readers."""
+    with pytest.raises(FileFormatError, match="manifest: no such file"):
+        checked.load_file(tmp_path / "gone.json", checked.Any_(), "manifest")
+    (tmp_path / "big.json").write_text("[" + "0," * 100 + "0]")
+    with pytest.raises(FileFormatError, match="203 bytes of JSON is over the limit of 100"):
+        checked.load_file(tmp_path / "big.json", checked.Any_(), "manifest", max_bytes=100)

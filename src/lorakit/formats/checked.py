@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -347,6 +348,26 @@ def check(value, schema: Schema, source: object, what: str):
 def load(text: str | bytes, schema: Schema, source: object, what: str, **limits):
     """:func:`parse` then :func:`check`: the one way lorakit reads an untrusted JSON text."""
     return check(parse(text, source, what, **limits), schema, source, what)
+
+
+def load_file(path: os.PathLike, schema: Schema, what: str, *, max_bytes: int = MAX_JSON_BYTES):
+    """:func:`load` on the contents of the JSON file ``path``, whose size is checked before it is read.
+
+    Raises:
+        FileFormatError: the file is missing or unreadable (also when it vanishes between a check and the read, as
+            under a directory swap), too large, or its JSON fails :func:`load`.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise FileFormatError(path, f"{what}: {size:,} bytes of JSON is over the limit of {max_bytes:,}")
+            raw = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileFormatError(path, f"{what}: no such file") from None
+    except OSError as e:
+        raise FileFormatError(path, f"{what}: cannot read ({e.strerror or e})") from None
+    return load(raw, schema, path, what, max_bytes=max_bytes)
 
 
 # ------------------------------------------------------------------------------------------ safetensors headers

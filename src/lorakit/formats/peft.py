@@ -255,7 +255,7 @@ def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileFormatError(directory, f"not a PEFT adapter directory: no {CONFIG_NAME}")
-    return checked.load(path.read_bytes(), CONFIG_SCHEMA, path, CONFIG_NAME)
+    return checked.load_file(path, CONFIG_SCHEMA, CONFIG_NAME)
 
 
 @reads_directory()  # config and weights from one directory, even while a writer swaps a new one in

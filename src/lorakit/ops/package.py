@@ -131,7 +131,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = _manifest_path(folder)
     if not path.is_file():
         raise FileFormatError(path, "no such split manifest")
-    data = checked.parse(path.read_bytes(), path, "manifest")
+    data = checked.load_file(path, checked.Any_(), "manifest")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FileFormatError(path, f"bad manifest: missing \"format\": \"{FORMAT}\"")
     version = data.get("version")
