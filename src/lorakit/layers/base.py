@@ -469,7 +469,7 @@ class LoraLayer(nn.Module):
     def _merge(self, names: Iterable[str] | None) -> list[str]:
         done = []
         pairs = self.lora.items() if names is None else [(n, self.factors(n)) for n in names]
-        if not self.weight.is_floating_point():
+        if self.subclassed and not self.weight.is_floating_point():  # registered types hold float weights
             raise AdapterStateError(f"cannot merge into a {self.weight.dtype} weight ({type(self._base).__name__}); "
                                     f"run the adapter unmerged")
         for name, f in pairs:
