@@ -23,6 +23,7 @@ from lorakit.layers import fast  # noqa: E402
 from lorakit.train import TrainConfig, train  # noqa: E402
 from lorakit.train import loop  # noqa: E402
 from tests.conftest import TinyNet, randomize_b  # noqa: E402
+from tests.train.conftest import _Interrupt, _StopAt, assert_same_adapter  # noqa: E402
 
 CUDA = torch.device("cuda", 0)
 
@@ -164,31 +165,6 @@ def _lm_config(tmp_path: Path, name: str, device: str, **run) -> TrainConfig:
                 **run}})
 
 
-class _Stop(Exception):
-    pass
-
-
-class _StopAt:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def start(self, total_steps: int, start_step: int) -> None: ...
-    def evaluated(self, step: int, metrics: dict) -> None: ...
-    def end(self) -> None: ...
-
-    def step(self, step: int, record: dict) -> None:
-        if step == self.at:
-            raise _Stop
-
-
-def _same_adapter(file_a: Path, file_b: Path, rtol: float) -> None:
-    a, b = lk.load(file_a), lk.load(file_b)
-    assert a.modules.keys() == b.modules.keys()
-    for path, m in a.modules.items():
-        torch.testing.assert_close(b.modules[path].A, m.A, rtol=rtol, atol=1e-5, msg=path)
-        torch.testing.assert_close(b.modules[path].B, m.B, rtol=rtol, atol=1e-5, msg=path)
-
-
 def test_training_steps_on_cuda_with_bf16_and_an_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     seen: list[tuple[torch.device, torch.dtype]] = []
@@ -209,11 +185,11 @@ def test_training_steps_on_cuda_with_bf16_and_an_exact_resume(tmp_path: Path, mo
 
     full = train(_lm_config(tmp_path, "full", "cuda"))
     cut = _lm_config(tmp_path, "cut", "cuda", checkpoint_every=3)
-    with pytest.raises(_Stop):
+    with pytest.raises(_Interrupt):
         train(cut, reporter=_StopAt(5))
     torch.manual_seed(1234)  # the resumed run takes its CPU and CUDA RNG (dropout masks) from the checkpoint
     resumed = train(cut, resume=True)
-    _same_adapter(full.adapter_last, resumed.adapter_last, rtol=1e-4)
+    assert_same_adapter(full.adapter_last, resumed.adapter_last, rtol=1e-4, atol=1e-5)
     # the same run on the CPU ends close by (no dropout: the two devices draw different masks)
     cpu_cfg, gpu_cfg = _lm_config(tmp_path, "cpu", "cpu"), _lm_config(tmp_path, "gpu", "cuda")
     cpu_cfg.lora.dropout = gpu_cfg.lora.dropout = 0.0
@@ -250,4 +226,4 @@ def test_one_process_ddp_on_nccl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     finally:
         dist.destroy_process_group()
     assert wrapped == [{"device_ids": [0]}]
-    _same_adapter(single.adapter_last, ddp.adapter_last, rtol=1e-4)
+    assert_same_adapter(single.adapter_last, ddp.adapter_last, rtol=1e-4, atol=1e-5)

@@ -78,17 +78,18 @@ def interrupt_after():
     return run
 
 
-@pytest.fixture
-def same_adapter():
-    """``same_adapter(file_a, file_b, rtol)``: the two saved adapters hold the same modules with factors equal to
-    ``rtol`` (atol 1e-6)."""
+def assert_same_adapter(file_a, file_b, rtol: float, atol: float = 1e-6) -> None:
+    """The two saved adapters hold the same modules with factors equal to ``rtol`` / ``atol``."""
     import lorakit as lk
 
-    def check(file_a, file_b, rtol: float) -> None:
-        a, b = lk.load(file_a), lk.load(file_b)
-        assert a.modules.keys() == b.modules.keys()
-        for path, m in a.modules.items():
-            torch.testing.assert_close(b.modules[path].A, m.A, rtol=rtol, atol=1e-6)
-            torch.testing.assert_close(b.modules[path].B, m.B, rtol=rtol, atol=1e-6)
+    a, b = lk.load(file_a), lk.load(file_b)
+    assert a.modules.keys() == b.modules.keys()
+    for path, m in a.modules.items():
+        torch.testing.assert_close(b.modules[path].A, m.A, rtol=rtol, atol=atol, msg=path)
+        torch.testing.assert_close(b.modules[path].B, m.B, rtol=rtol, atol=atol, msg=path)
 
-    return check
+
+@pytest.fixture
+def same_adapter():
+    """``same_adapter(file_a, file_b, rtol)``: :func:`assert_same_adapter` as a fixture."""
+    return assert_same_adapter
