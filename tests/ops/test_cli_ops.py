@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 import lorakit as lk
 from lorakit import Adapter, adapters_equal
 from lorakit.cli import app
-from lorakit.errors import FileFormatError
 from tests.ops.strategies import SLOTS, make_module
 
 runner = CliRunner()
