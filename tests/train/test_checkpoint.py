@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from lorakit.errors import FileFormatError
 from lorakit.models.resnet_cifar import ResNetCifar
 from lorakit.train import evaluate_run
 from lorakit.train.checkpoint import latest_checkpoint
@@ -179,3 +180,24 @@ def test_each_rank_restores_its_own_rng_state(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), states[0]["torch"])
     with pytest.raises(FileFormatError, match="torch.rank2.*saved by 2 process"):
         load_checkpoint(folder, model, opt, rank=2)
+
+
+@pytest.mark.parametrize("text", ['{"step": 3, "folder": "../../etc"}', '{"step": "3", "folder": "step-0000003"}',
+                                  "[" * 100_000, '{"step": 3}'])
+def test_a_malformed_pointer_is_a_clean_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.json").write_text(text)
+    with pytest.raises(FileFormatError, match="checkpoint pointer"):
+        latest_checkpoint(tmp_path)
+
+
+def test_malformed_metrics_lines_are_a_clean_error(tmp_path: Path) -> None:
+    from lorakit.train.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(FileFormatError, match="metrics line 2"):
+        read_metrics(path)
+    path.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(FileFormatError, match="UTF-8"):
+        read_metrics(path)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import FileFormatError
+from lorakit.formats import checked
 from lorakit.formats.safetensors_io import atomic_write, read_safetensors, write_safetensors
 from lorakit.inject import trained_tensors
 from lorakit.layers.base import LoraFactors
@@ -184,14 +185,17 @@ def _temp_file(name: str) -> bool:
     return name.startswith(".lorakit-tmp.") or (name.startswith(".") and name.endswith(".tmp"))
 
 
+#: ``latest.json``: the step and the name of its folder (a bare ``step-*`` name, never a path).
+_POINTER_SCHEMA = checked.Obj(required={"step": checked.Int(lo=0),
+                                        "folder": checked.Str(pattern=r"step-[0-9]+(-[0-9]+)?")})
+#: ``state.json``: the step, the optimiser's JSON half and the loop's own state (checked where it is used).
+_STATE_SCHEMA = checked.Obj(required={"step": checked.Int(lo=0),
+                                      "optimizer": checked.Obj(required={"param_groups": checked.List(),
+                                                                         "scalars": checked.Map()})})
+
+
 def _pointed(pointer: Path) -> Path:
-    try:
-        name = json.loads(pointer.read_text(encoding="utf-8"))["folder"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FileFormatError(pointer, f"not a checkpoint pointer: {e}") from None
-    if not isinstance(name, str) or not name.startswith("step-") or "/" in name or "\\" in name:
-        raise FileFormatError(pointer, f"not a checkpoint pointer: folder {name!r} is not a step-* folder name")
-    return pointer.parent / name
+    return pointer.parent / checked.load_file(pointer, _POINTER_SCHEMA, "checkpoint pointer")["folder"]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -224,11 +228,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     Raises:
         FileFormatError: a file is missing, a tensor does not fit the model, or no RNG state for ``rank`` (named).
     """
-    state_path = folder / "state.json"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FileFormatError(state_path, f"cannot read checkpoint state: {e}") from None
+    state = checked.load_file(folder / "state.json", _STATE_SCHEMA, "checkpoint state")
     path = folder / "trained.safetensors"
     tensors, _ = read_safetensors(path)
     targets = model.state_dict(keep_vars=True)

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from lorakit.errors import FileFormatError
+from lorakit.formats import checked
 from lorakit.formats.safetensors_io import atomic_write
 
 
@@ -36,7 +38,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Records of a metrics JSONL file (empty when absent)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FileFormatError(path, f"metrics: not UTF-8 text ({e})") from None
+    # A run's own file, but read back on resume: each line through the checked reader, one object each.
+    return [checked.load(line, checked.Map(), path, f"metrics line {i + 1}")
+            for i, line in enumerate(lines) if line.strip()]
 
 
 def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
