@@ -93,3 +93,39 @@ def assert_same_adapter(file_a, file_b, rtol: float, atol: float = 1e-6) -> None
 def same_adapter():
     """``same_adapter(file_a, file_b, rtol)``: :func:`assert_same_adapter` as a fixture."""
     return assert_same_adapter
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny SD-1.5-layout diffusers folder (random weights, see :mod:`sd_tiny`), built once per session."""
+    from sd_tiny import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+@pytest.fixture
+def sd_images(tmp_path: Path) -> Path:
+    """Five tiny captioned PNGs in kohya folders ``2_ink/`` (four, three aspects) and ``1_plain/`` (one)."""
+    from sd_tiny import build_images
+
+    return build_images(tmp_path / "images")
+
+
+@pytest.fixture
+def tiny_sd_config(tiny_sd: Path, sd_images: Path):
+    """``tiny_sd_config(out_dir, **sections)``: a diffusion config on the tiny pipeline (64 px, buckets of 16 px
+    steps, attention LoRA on the UNet, 4 steps of batch 2); each keyword updates that section."""
+
+    def make(out_dir: Path, **sections) -> TrainConfig:
+        raw = {"task": "diffusion", "model": {"name": str(tiny_sd)},
+               "data": {"dataset": "image-folder", "path": str(sd_images)},
+               "lora": {"targets": [r"re:unet\..*(to_q|to_k|to_v|to_out\.0)"], "rank": 4, "alpha": 4},
+               "optim": {"lr": 1e-2, "batch_size": 2, "max_steps": 4, "schedule": "constant"},
+               "diffusion": {"resolution": 64, "min_bucket_resolution": 32, "max_bucket_resolution": 128,
+                             "bucket_step": 16},
+               "run": {"out_dir": str(out_dir), "seed": 0, "log_every": 1}}
+        for name, values in sections.items():
+            raw[name] = {**raw.get(name, {}), **values}
+        return TrainConfig.from_dict(raw)
+
+    return make

@@ -88,6 +88,8 @@ class DataConfig:
     """Tokens per text example (longer ones are cut); batches are padded only to their longest example."""
     target: TargetConfig | None = None
     """An unlabelled target domain (task ``fashion-mnist``); null for none."""
+    skip_bad_images: bool = False
+    """``image-folder``: skip unreadable images (a warning lists them) instead of stopping with an error."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target, Mapping):
@@ -102,9 +104,12 @@ class DataConfig:
                self.max_length)
         _check(self.dataset != "text-file" or bool(self.path), "data.path", "a file path for dataset text-file",
                self.path)
+        _check(self.dataset != "image-folder" or bool(self.path), "data.path",
+               "an image folder for dataset image-folder", self.path)
+        _check(isinstance(self.skip_bad_images, bool), "data.skip_bad_images", "true or false", self.skip_bad_images)
 
 
-DATASETS = {"sst2", "rt-polarity", "cifar10-jpg", "fashion-mnist", "text-file", "synthetic"}
+DATASETS = {"sst2", "rt-polarity", "cifar10-jpg", "fashion-mnist", "text-file", "synthetic", "image-folder"}
 
 
 @dataclass
@@ -123,6 +128,10 @@ class LoraConfig:
     """Modules trained fully alongside the adapter (e.g. a fresh ``classifier`` head)."""
     full_finetune: bool = False
     """Train every parameter instead of an adapter (for baselines); the saved adapter then holds overrides only."""
+    ranks: dict[str, int] = field(default_factory=dict)
+    """Pattern → rank for some targets, first match wins (e.g. LoCon's conv rank: ``{"re:.*conv.*": 4}``)."""
+    alphas: dict[str, float] = field(default_factory=dict)
+    """Pattern → alpha for some targets, first match wins (default: ``alpha``)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets),
@@ -134,7 +143,14 @@ class LoraConfig:
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "lora.dropout", "a number in [0, 1)",
                self.dropout)
         _check(isinstance(self.train, list), "lora.train", "a list of strings", self.train)
+        _check(isinstance(self.ranks, dict) and all(isinstance(k, str) and isinstance(v, int) and v >= 1
+                                                    for k, v in self.ranks.items()),
+               "lora.ranks", "a mapping pattern -> int >= 1", self.ranks)
+        _check(isinstance(self.alphas, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                                     for k, v in self.alphas.items()),
+               "lora.alphas", "a mapping pattern -> number > 0", self.alphas)
         self.alpha = float(self.alpha)
+        self.alphas = {k: float(v) for k, v in self.alphas.items()}
 
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -235,7 +251,65 @@ class RunConfig:
                "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
 
 
-TASKS = ("text-classification", "image-classification", "causal-lm", "fashion-mnist", "autoencoder")
+@dataclass
+class DiffusionConfig:
+    """Stable Diffusion LoRA training (task ``diffusion``): image sizes, caption options and loss options."""
+
+    resolution: int = 512
+    """Training side in pixels (buckets have at most ``resolution²`` pixels); a multiple of 8."""
+    bucketing: bool = True
+    """Aspect-ratio buckets; off, every image is resized and centre-cropped to ``resolution²``."""
+    min_bucket_resolution: int = 256
+    """Smallest bucket side in pixels."""
+    max_bucket_resolution: int = 1024
+    """Largest bucket side in pixels."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (a multiple of 8)."""
+    caption_prefix: str = ""
+    """Prepended to every caption as ``"prefix, caption"`` (a trigger word or class token)."""
+    shuffle_captions: bool = False
+    """Shuffle the comma-separated tags of each caption at every step, after the first ``keep_tokens``."""
+    keep_tokens: int = 0
+    """Leading tags kept in place by ``shuffle_captions`` (the prefix counts as one)."""
+    caption_dropout: float = 0.0
+    """Probability of an empty caption for an example at a step."""
+    cache_latents: bool = True
+    """Cache the VAE latents in ``<run.out_dir>/cache/latents`` (reused by a resumed or repeated run)."""
+    noise_offset: float = 0.0
+    """Noise offset strength (0: off)."""
+    min_snr_gamma: float | None = None
+    """Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual); null: off."""
+    text_encoder_lr: float | None = None
+    """Peak learning rate of adapters under ``text_encoder.``; null: ``optim.lr``."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's (and text encoder's) activations in the backward pass: less memory, more time."""
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "min_bucket_resolution", "max_bucket_resolution", "bucket_step"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 8 and v % 8 == 0, f"diffusion.{name}", "a multiple of 8, >= 8", v)
+        _check(self.min_bucket_resolution <= self.resolution <= self.max_bucket_resolution,
+               "diffusion.resolution", f"between min_bucket_resolution {self.min_bucket_resolution} and "
+               f"max_bucket_resolution {self.max_bucket_resolution}", self.resolution)
+        for name in ("bucketing", "shuffle_captions", "cache_latents", "gradient_checkpointing"):
+            _check(isinstance(getattr(self, name), bool), f"diffusion.{name}", "true or false", getattr(self, name))
+        _check(isinstance(self.caption_prefix, str), "diffusion.caption_prefix", "a string", self.caption_prefix)
+        _check(isinstance(self.keep_tokens, int) and self.keep_tokens >= 0, "diffusion.keep_tokens",
+               "an int >= 0", self.keep_tokens)
+        _check(isinstance(self.caption_dropout, (int, float)) and 0 <= self.caption_dropout < 1,
+               "diffusion.caption_dropout", "a number in [0, 1)", self.caption_dropout)
+        _check(isinstance(self.noise_offset, (int, float)) and self.noise_offset >= 0, "diffusion.noise_offset",
+               "a number >= 0", self.noise_offset)
+        _check(self.min_snr_gamma is None or (isinstance(self.min_snr_gamma, (int, float)) and self.min_snr_gamma > 0),
+               "diffusion.min_snr_gamma", "null or a number > 0", self.min_snr_gamma)
+        if isinstance(self.text_encoder_lr, str) and _is_number(self.text_encoder_lr):
+            self.text_encoder_lr = float(self.text_encoder_lr)
+        _check(self.text_encoder_lr is None or (isinstance(self.text_encoder_lr, (int, float))
+                                                and self.text_encoder_lr > 0),
+               "diffusion.text_encoder_lr", "null or a number > 0", self.text_encoder_lr)
+
+
+TASKS = ("text-classification", "image-classification", "causal-lm", "fashion-mnist", "autoencoder", "diffusion")
 
 
 @dataclass
@@ -244,7 +318,8 @@ class TrainConfig:
 
     task: str = "text-classification"
     """``text-classification``, ``image-classification``, ``causal-lm``, ``fashion-mnist`` (a small CNN,
-    optionally adapted to a corrupted target domain) or ``autoencoder`` (see that task's module)."""
+    optionally adapted to a corrupted target domain), ``autoencoder`` (see that task's module) or ``diffusion``
+    (Stable Diffusion LoRA, see :mod:`lorakit.train.tasks.diffusion`)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -252,6 +327,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ot: OTConfig | None = None
     """Latent OT regulariser added to the task loss (see :class:`lorakit.regularizers.OTConfig`); null for none."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Options of task ``diffusion`` (ignored by the other tasks)."""
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, "task", f"one of {list(TASKS)}", self.task)
@@ -284,7 +361,8 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig,
+             "diffusion": DiffusionConfig}
 
 
 def _section(name: str, sub: type, value: Any) -> Any:

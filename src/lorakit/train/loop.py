@@ -102,13 +102,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model: nn.Module, lr: float, lora_plus_ratio: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: LoRA B factors at ``lr * lora_plus_ratio`` (LoRA+), the rest at ``lr``."""
+def param_groups(model: nn.Module, lr: float, lora_plus_ratio: float,
+                 prefix_lrs: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: LoRA B factors at ``lr * lora_plus_ratio`` (LoRA+), the rest at ``lr``;
+    parameters under a path prefix of ``prefix_lrs`` (first match) take that prefix's rate instead of ``lr``."""
     b_ids = {id(m.B) for m in model.modules() if isinstance(m, LoraFactors)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": lr, "base_lr": lr},
-              {"params": [p for p in params if id(p) in b_ids], "lr": lr * lora_plus_ratio,
-               "base_lr": lr * lora_plus_ratio}]
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    rates = list(dict.fromkeys([lr, *(prefix_lrs or {}).values()]))
+
+    def rate(name: str) -> float:
+        return next((r for prefix, r in (prefix_lrs or {}).items() if name.startswith(prefix)), lr)
+
+    groups = [{"params": [p for name, p in params if rate(name) == r and (id(p) in b_ids) == is_b],
+               "lr": r * (lora_plus_ratio if is_b else 1.0), "base_lr": r * (lora_plus_ratio if is_b else 1.0)}
+              for r in rates for is_b in (False, True)]
     return [g for g in groups if g["params"]]
 
 
@@ -132,7 +139,7 @@ def prepare(cfg: TrainConfig) -> tuple[Task, tuple[int, int]]:
         freeze_except(task.model, train=cfg.lora.train)
     else:
         inject(task.model, cfg.lora.targets, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-               train=cfg.lora.train, seed=cfg.run.seed)
+               train=cfg.lora.train, seed=cfg.run.seed, ranks=cfg.lora.ranks or None, alphas=cfg.lora.alphas or None)
     return task, trainable_parameters(task.model)
 
 
@@ -188,7 +195,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
 
     task, (n_train, n_total) = prepare(cfg)
     model = task.model.to(dist.device)  # in place: task.model is this same module
-    groups = param_groups(model, o.lr, o.lora_plus_ratio)
+    groups = param_groups(model, o.lr, o.lora_plus_ratio, task.param_lrs)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     per_step = o.batch_size * o.grad_accum
     steps_per_epoch = len(task.train_set) // per_step
@@ -251,7 +258,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     seen, window_loss, window_ot, window_t = 0, 0.0, 0.0, time.perf_counter()
     for step in range(start, total):
         epoch, offset = divmod(step, steps_per_epoch)
-        idx = order(len(task.train_set), cfg.run.seed, epoch, task.lengths, per_step)
+        idx = (task.order(cfg.run.seed, epoch, o.batch_size) if task.order is not None
+               else order(len(task.train_set), cfg.run.seed, epoch, task.lengths, per_step))
         factor = lr_factor(step, total, o.warmup_steps, o.schedule)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor

@@ -34,6 +34,11 @@ class Task:
         collate_inputs: list of target inputs → batch of inputs only (no ``labels`` key); needed with ``target_set``.
         forward: ``forward(model, batch)`` → the model's logits (N, K) on an input batch; the target pass (and
             DeepJDOT's target predictions) use it.
+        order: optional ``order(seed, epoch, batch_size)`` → the epoch's example indices, replacing the loop's
+            seeded permutation; every run of ``batch_size`` consecutive indices forms one micro-batch (e.g. one
+            aspect-ratio bucket), and there are at least as many indices as examples.
+        param_lrs: optional module-path prefix → peak learning rate of the trainable parameters under it (e.g. a
+            text encoder's own rate); the others keep ``optim.lr``.
     """
 
     model: nn.Module
@@ -50,12 +55,16 @@ class Task:
     target_set: Sequence[Any] | None = None
     collate_inputs: Callable[[list[Any]], dict[str, Tensor]] | None = None
     forward: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
+    order: Callable[[int, int, int], list[int]] | None = None
+    param_lrs: dict[str, float] | None = None
 
 
 def build_task(cfg) -> Task:
     """The :class:`Task` named by ``cfg.task``."""
-    from lorakit.train.tasks import autoencoder, causal_lm, fashion_mnist, image_classification, text_classification
+    from lorakit.train.tasks import (autoencoder, causal_lm, diffusion, fashion_mnist, image_classification,
+                                     text_classification)
 
     builders = {"text-classification": text_classification.build, "image-classification": image_classification.build,
-                "causal-lm": causal_lm.build, "fashion-mnist": fashion_mnist.build, "autoencoder": autoencoder.build}
+                "causal-lm": causal_lm.build, "fashion-mnist": fashion_mnist.build, "autoencoder": autoencoder.build,
+                "diffusion": diffusion.build}
     return builders[cfg.task](cfg)
