@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.errors import LorakitError
 from lorakit.formats import detect, kohya
 from lorakit.train import train
 from lorakit.train.diffusion_loss import denoising_loss, min_snr_weights, offset_noise, snr
@@ -150,3 +151,60 @@ def test_kohya_file_loads_in_diffusers_and_matches_attach(tiny_sd_config, tiny_s
     assert (expected - before).abs().max() > 1e-3  # the trained adapter does change the output
     pipe.load_lora_weights(str(path))
     torch.testing.assert_close(run(pipe.unet), expected, atol=1e-5, rtol=0)
+
+
+def test_v_prediction_from_the_scheduler_config(tiny_sd_config, tiny_sd: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "sd-v"
+    shutil.copytree(tiny_sd, folder)
+    conf_path = folder / "scheduler" / "scheduler_config.json"
+    conf = json.loads(conf_path.read_text())
+    conf_path.write_text(json.dumps({**conf, "prediction_type": "v_prediction"}))
+    task = build_task(tiny_sd_config(tmp_path / "run", model={"name": str(folder)},
+                                     diffusion={"min_snr_gamma": 5.0}))
+    rows = [e for e in task.eval_set if e.bucket == (64, 64)]
+    torch.manual_seed(0)
+    batch = task.collate(rows)
+    sched = _scheduler(tiny_sd_config, tmp_path)
+    with torch.no_grad():
+        got = task.loss(task.model.eval(), batch)
+        t = batch["timesteps"]
+        noisy = sched.add_noise(batch["latents"], batch["noise"], t)
+        pred = task.model(noisy, t, batch["input_ids"])
+        v = sched.get_velocity(batch["latents"], batch["noise"], t)
+        s = snr(sched.alphas_cumprod, t)
+    weights = torch.clamp(s, max=5.0) / (s + 1)  # v-prediction's min-SNR weight
+    torch.testing.assert_close(got, ((pred - v).pow(2).mean(dim=(1, 2, 3)) * weights).mean())
+    conf_path.write_text(json.dumps({**conf, "prediction_type": "sample"}))
+    with pytest.raises(LorakitError, match=r"sd-v/scheduler: prediction_type 'sample' is not one of"):
+        build_task(tiny_sd_config(tmp_path / "run", model={"name": str(folder)}))
+
+
+def test_bf16_and_gradient_checkpointing_train(tiny_sd_config, tmp_path: Path, same_adapter) -> None:
+    plain = train(tiny_sd_config(tmp_path / "a", optim={"max_steps": 2}))
+    ckpt = train(tiny_sd_config(tmp_path / "b", optim={"max_steps": 2}, diffusion={"gradient_checkpointing": True}))
+    assert ckpt.model.unet.is_gradient_checkpointing
+    # recomputation gives the same gradients, so the same adapter
+    same_adapter(plain.adapter_last, ckpt.adapter_last, rtol=1e-5)
+    bf16 = train(tiny_sd_config(tmp_path / "c", optim={"max_steps": 2}, run={"precision": "bf16"}))
+    assert abs(bf16.final_metrics["eval_loss"] - plain.final_metrics["eval_loss"]) < 0.05
+    assert bf16.final_metrics["eval_loss"] != plain.final_metrics["eval_loss"]  # autocast did run in bf16
+
+
+def test_the_sd15_config_targets_an_sd_pipeline(tiny_sd: Path, sd_images: Path, tmp_path: Path) -> None:
+    from lorakit.train.config import load_config
+
+    config = Path(__file__).parents[2] / "configs" / "sd15-lora.yaml"
+    assert load_config(config).model.name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    cfg = load_config(config, [f"model.name={tiny_sd}", f"data.path={sd_images}", f"run.out_dir={tmp_path / 'r'}",
+                               "diffusion.resolution=64", "diffusion.min_bucket_resolution=32",
+                               "diffusion.bucket_step=16"])
+    task, _ = prepare(cfg)
+    paths = list(lk.extract(task.model).modules)
+    kinds = {p.split(".")[0] + ":" + p.rsplit(".", 1)[-1] for p in paths}
+    assert kinds == {"unet:to_q", "unet:to_k", "unet:to_v", "unet:0", "unet:proj_in", "unet:proj_out", "unet:proj",
+                     "unet:2", "text_encoder:q_proj", "text_encoder:k_proj", "text_encoder:v_proj",
+                     "text_encoder:out_proj"}
+    assert task.param_lrs == {"text_encoder.": 5e-5} and task.model.unet.is_gradient_checkpointing
