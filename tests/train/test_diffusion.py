@@ -112,7 +112,9 @@ def test_text_encoder_gets_its_own_learning_rate_and_conv_its_own_rank(tiny_sd_c
 
 
 def test_resume_ends_equal_to_an_uninterrupted_run(tiny_sd_config, tmp_path: Path, interrupt_after,
-                                                    same_adapter) -> None:
+                                                    same_adapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoencoderKL
+
     opts = {"max_steps": 5}
     extra = {"caption_dropout": 0.3, "shuffle_captions": True, "noise_offset": 0.05, "min_snr_gamma": 5.0}
     full = train(tiny_sd_config(tmp_path / "full", optim=opts, diffusion=extra))
@@ -120,7 +122,11 @@ def test_resume_ends_equal_to_an_uninterrupted_run(tiny_sd_config, tmp_path: Pat
     torch.manual_seed(1234)
     interrupt_after(cfg, 3)
     torch.manual_seed(999)
+    calls = []
+    real = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(1) or real(self, x))
     resumed = train(cfg, resume=True)
+    assert calls == []  # the resumed run reads the latents the first part cached
     same_adapter(full.adapter_last, resumed.adapter_last, rtol=1e-5)
 
 
@@ -208,3 +214,22 @@ def test_the_sd15_config_targets_an_sd_pipeline(tiny_sd: Path, sd_images: Path, 
                      "unet:2", "text_encoder:q_proj", "text_encoder:k_proj", "text_encoder:v_proj",
                      "text_encoder:out_proj"}
     assert task.param_lrs == {"text_encoder.": 5e-5} and task.model.unet.is_gradient_checkpointing
+
+
+def test_frozen_text_encoder_outputs_are_cached(tiny_sd_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                same_adapter) -> None:
+    from transformers import CLIPTextModel
+
+    rows = []
+    real = CLIPTextModel.forward
+    monkeypatch.setattr(CLIPTextModel, "forward", lambda self, ids, *a, **k: rows.append(len(ids)) or real(self, ids))
+    opts = {"max_steps": 4}
+    cached = train(tiny_sd_config(tmp_path / "a", optim=opts))
+    assert sum(rows) == 5  # the five distinct captions, once each (base eval, 4 steps of 2, final eval)
+    rows.clear()
+    plain = train(tiny_sd_config(tmp_path / "b", optim=opts, diffusion={"cache_text_encoder_outputs": False}))
+    assert sum(rows) == 5 + 4 * 2 + 5
+    same_adapter(cached.adapter_last, plain.adapter_last, rtol=0, atol=0)  # caching changes nothing
+    rows.clear()
+    train(tiny_sd_config(tmp_path / "c", optim=opts, lora={"targets": ["re:text_encoder\\..*q_proj"]}))
+    assert sum(rows) == 5 + 4 * 2 + 5  # a text encoder with an adapter is run at every step

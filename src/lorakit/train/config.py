@@ -275,6 +275,8 @@ class DiffusionConfig:
     """Probability of an empty caption for an example at a step."""
     cache_latents: bool = True
     """Cache the VAE latents in ``<run.out_dir>/cache/latents`` (reused by a resumed or repeated run)."""
+    cache_text_encoder_outputs: bool = True
+    """While the text encoder has no adapter, encode each distinct caption once (kept in memory)."""
     noise_offset: float = 0.0
     """Noise offset strength (0: off)."""
     min_snr_gamma: float | None = None
@@ -291,7 +293,8 @@ class DiffusionConfig:
         _check(self.min_bucket_resolution <= self.resolution <= self.max_bucket_resolution,
                "diffusion.resolution", f"between min_bucket_resolution {self.min_bucket_resolution} and "
                f"max_bucket_resolution {self.max_bucket_resolution}", self.resolution)
-        for name in ("bucketing", "shuffle_captions", "cache_latents", "gradient_checkpointing"):
+        for name in ("bucketing", "shuffle_captions", "cache_latents", "cache_text_encoder_outputs",
+                     "gradient_checkpointing"):
             _check(isinstance(getattr(self, name), bool), f"diffusion.{name}", "true or false", getattr(self, name))
         _check(isinstance(self.caption_prefix, str), "diffusion.caption_prefix", "a string", self.caption_prefix)
         _check(isinstance(self.keep_tokens, int) and self.keep_tokens >= 0, "diffusion.keep_tokens",

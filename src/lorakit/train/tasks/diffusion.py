@@ -57,19 +57,48 @@ class StableDiffusion(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
 
-    def forward(self, noisy: Tensor, timesteps: Tensor, input_ids: Tensor) -> Tensor:
+    def forward(self, noisy: Tensor, timesteps: Tensor, input_ids: Tensor, context: Tensor | None = None) -> Tensor:
         """The UNet's prediction for noisy latents under the captions' text embeddings.
 
         Args:
             noisy: (N, 4, h, w) noisy latents.
             timesteps: (N,) integer timesteps.
             input_ids: (N, T) caption token ids.
+            context: (N, T, cross_attention_dim) the text encoder's output for ``input_ids`` when already known
+                (cached), else None.
 
         Returns:
             (N, 4, h, w) the predicted noise (or velocity).
         """
-        context = self.text_encoder(input_ids)[0]  # (N, T, cross_attention_dim)
+        if context is None:
+            context = self.text_encoder(input_ids)[0]  # (N, T, cross_attention_dim)
         return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+
+
+class TextCache:
+    """The text encoder's outputs per caption while it is frozen (no trainable parameter in it, so no adapter):
+    a caption is encoded once per run instead of once per step. Outputs are kept in memory, at most ``limit``
+    captions (further ones are encoded each time); with a trainable text encoder nothing is cached.
+    """
+
+    def __init__(self, text_encoder: nn.Module, limit: int = 4096) -> None:
+        self.text_encoder, self.limit = text_encoder, limit
+        self.outputs: dict[tuple[int, ...], Tensor] = {}
+
+    def __call__(self, input_ids: Tensor) -> Tensor | None:
+        """(N, T) token ids → (N, T, D) outputs, or None when the text encoder trains (the model encodes)."""
+        if any(p.requires_grad for p in self.text_encoder.parameters()):
+            return None
+        rows = [tuple(r) for r in input_ids.tolist()]
+        todo = [r for r in dict.fromkeys(rows) if r not in self.outputs]
+        fresh: dict[tuple[int, ...], Tensor] = {}
+        if todo:
+            with torch.no_grad():
+                out = self.text_encoder(torch.tensor(todo, device=input_ids.device))[0]
+            fresh = dict(zip(todo, out))
+            for r, o in list(fresh.items())[:max(0, self.limit - len(self.outputs))]:
+                self.outputs[r] = o
+        return torch.stack([self.outputs.get(r, fresh.get(r)) for r in rows])
 
 
 def load_parts(name: str):
@@ -152,11 +181,14 @@ def build(cfg: TrainConfig) -> Task:
                                     keep_tokens=d.keep_tokens, dropout=d.caption_dropout) for e in batch]
         return draw(batch, captions, None)
 
+    text_cache = TextCache(model.text_encoder) if d.cache_text_encoder_outputs else None
+
     def loss(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         latents, t = batch["latents"], batch["timesteps"]
         noise = offset_noise(batch["noise"], d.noise_offset, batch["offset"])
         noisy = scheduler.add_noise(latents, noise, t)
-        pred = m(noisy, t, batch["input_ids"])
+        context = text_cache(batch["input_ids"]) if text_cache is not None else None
+        pred = m(noisy, t, batch["input_ids"], context=context)
         target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, t)
         weights = (min_snr_weights(snr(scheduler.alphas_cumprod, t), d.min_snr_gamma, prediction)
                    if d.min_snr_gamma else None)
