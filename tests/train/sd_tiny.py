@@ -52,7 +52,7 @@ def build_pipeline(folder: Path) -> Path:
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     CLIPTextModel(conf).save_pretrained(str(folder / "text_encoder"))
     DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False).save_pretrained(str(folder / "scheduler"))
+                  clip_sample=False, steps_offset=1).save_pretrained(str(folder / "scheduler"))
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -189,12 +189,16 @@ def test_v_prediction_from_the_scheduler_config(tiny_sd_config, tiny_sd: Path, t
 
 
 def test_bf16_and_gradient_checkpointing_train(tiny_sd_config, tmp_path: Path, same_adapter) -> None:
-    plain = train(tiny_sd_config(tmp_path / "a", optim={"max_steps": 2}))
-    ckpt = train(tiny_sd_config(tmp_path / "b", optim={"max_steps": 2}, diffusion={"gradient_checkpointing": True}))
-    assert ckpt.model.unet.is_gradient_checkpointing
+    lora = {"targets": [r"re:unet\..*(to_q|to_k|to_v|to_out\.0)", r"re:text_encoder\..*q_proj"]}
+    plain = train(tiny_sd_config(tmp_path / "a", optim={"max_steps": 2}, lora=lora))
+    ckpt = train(tiny_sd_config(tmp_path / "b", optim={"max_steps": 2}, lora=lora,
+                                diffusion={"gradient_checkpointing": True}))
+    assert ckpt.model.unet.is_gradient_checkpointing and ckpt.model.text_encoder.is_gradient_checkpointing
+    assert any(p.startswith("text_encoder.") and float(m.B.abs().sum()) > 0
+               for p, m in lk.load(ckpt.adapter_last).modules.items())  # gradients reach the text encoder
     # recomputation gives the same gradients, so the same adapter
     same_adapter(plain.adapter_last, ckpt.adapter_last, rtol=1e-5)
-    bf16 = train(tiny_sd_config(tmp_path / "c", optim={"max_steps": 2}, run={"precision": "bf16"}))
+    bf16 = train(tiny_sd_config(tmp_path / "c", optim={"max_steps": 2}, lora=lora, run={"precision": "bf16"}))
     assert abs(bf16.final_metrics["eval_loss"] - plain.final_metrics["eval_loss"]) < 0.05
     assert bf16.final_metrics["eval_loss"] != plain.final_metrics["eval_loss"]  # autocast did run in bf16
 

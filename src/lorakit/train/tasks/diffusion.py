@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
 from lorakit.train.config import ConfigError, TrainConfig
+from lorakit.train.data import subset
 from lorakit.train.device import device_of, to_device
 from lorakit.train.diffusion_data import (Example, bucket_order, load_examples, make_buckets, process_caption,
                                           scan_folder, vae_identity)
@@ -141,7 +142,8 @@ def build(cfg: TrainConfig) -> Task:
                           f"{list(PREDICTION_TYPES)}")
     if d.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        model.text_encoder.gradient_checkpointing_enable()
+        te = model.text_encoder  # transformers 5 renamed the switch (the old name warns)
+        (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
 
     vae = model.vae
     scale = float(vae.config.scaling_factor)
@@ -160,7 +162,7 @@ def build(cfg: TrainConfig) -> Task:
                            cfg.data.skip_bad_images)
     repeats = {r.path: r.repeats for r in records}
     train_set = [e for e in images for _ in range(repeats[e.path])]
-    train_set = train_set[:cfg.data.train_rows] if cfg.data.train_rows else train_set
+    train_set = [train_set[i] for i in subset(len(train_set), cfg.data.train_rows, cfg.run.seed)]
     eval_set = images[:cfg.data.eval_rows] if cfg.data.eval_rows else images
     steps = scheduler.config.num_train_timesteps
 
