@@ -7,12 +7,10 @@ float32 means float32.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -23,7 +21,7 @@ from lorakit.layers import fast  # noqa: E402
 from lorakit.train import TrainConfig, train  # noqa: E402
 from lorakit.train import loop  # noqa: E402
 from tests.conftest import TinyNet, randomize_b  # noqa: E402
-from tests.train.conftest import _Interrupt, _StopAt, assert_same_adapter  # noqa: E402
+from tests.train.conftest import _Interrupt, _StopAt, assert_same_adapter, free_port, spy_ddp  # noqa: E402
 
 CUDA = torch.device("cuda", 0)
 
@@ -197,27 +195,14 @@ def test_training_steps_on_cuda_with_bf16_and_an_exact_resume(tmp_path: Path, mo
     assert gpu.final_metrics["eval_loss"] == pytest.approx(cpu.final_metrics["eval_loss"], rel=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_one_process_ddp_on_nccl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
     cfg = _lm_config(tmp_path, "single", "cuda")
     cfg.lora.dropout = 0.0
     single = train(cfg)
-    wrapped: list[dict] = []
-    real_ddp = nn.parallel.DistributedDataParallel
-
-    def spy_ddp(module, **kwargs):
-        wrapped.append(kwargs)
-        return real_ddp(module, **kwargs)
-
-    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", spy_ddp)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    wrapped = spy_ddp(monkeypatch)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert dist.get_backend() == "nccl"
         cfg = _lm_config(tmp_path, "ddp", "cuda", checkpoint_every=3)  # a checkpoint gathers RNG over NCCL

@@ -129,3 +129,27 @@ def tiny_sd_config(tiny_sd: Path, sd_images: Path):
         return TrainConfig.from_dict(raw)
 
     return make
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a one-process ``init_process_group``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spy_ddp(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record the keyword arguments of every ``DistributedDataParallel`` the loop builds (the list it returns)."""
+    from torch import nn
+
+    wrapped: list[dict] = []
+    real_ddp = nn.parallel.DistributedDataParallel
+
+    def spy(module, **kwargs):
+        wrapped.append(kwargs)
+        return real_ddp(module, **kwargs)
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", spy)
+    return wrapped

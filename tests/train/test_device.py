@@ -4,17 +4,16 @@ moved to it, bf16 autocast on its type, and DDP with one process (gloo here; NCC
 from __future__ import annotations
 
 import collections
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from lorakit.train import loop
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.device import resolve_device, to_device
 from lorakit.train.distributed import backend
+from tests.train.conftest import free_port, spy_ddp
 
 
 def _cuda(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
@@ -120,12 +119,6 @@ def test_bf16_runs_bf16_on_the_cpu_even_on_a_gpu_machine(tiny_lm, tmp_path: Path
     assert set(seen) == {torch.float32}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_one_process_group_wraps_the_model_in_ddp(tiny_lm, tmp_path: Path, same_adapter,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A process group of one (as ``torchrun --nproc_per_node=1`` or a caller sets up) still runs through DDP and
@@ -133,15 +126,8 @@ def test_one_process_group_wraps_the_model_in_ddp(tiny_lm, tmp_path: Path, same_
     import torch.distributed as dist
 
     single = loop.train(tiny_lm(tmp_path / "single"))
-    wrapped: list[dict] = []
-    real_ddp = nn.parallel.DistributedDataParallel
-
-    def spy_ddp(module, **kwargs):
-        wrapped.append(kwargs)
-        return real_ddp(module, **kwargs)
-
-    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", spy_ddp)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    wrapped = spy_ddp(monkeypatch)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ddp = loop.train(tiny_lm(tmp_path / "ddp"))
     finally:
