@@ -102,14 +102,36 @@ class TextCache:
         return torch.stack([self.outputs.get(r, fresh.get(r)) for r in rows])
 
 
+#: ``vae/config.json`` ``_class_name`` → where the class lives: diffusers' VAEs, or lorakit's TAEF2 component.
+VAE_CLASSES = {"AutoencoderKL": "diffusers", "AutoencoderTiny": "diffusers",
+               "TAEF2Autoencoder": "lorakit.models.taef2_vae"}
+
+
+def _vae_class(name: str) -> type:
+    """The VAE class that ``<name>/vae/config.json`` names (diffusers' own config reader, folder or hub id)."""
+    import importlib
+
+    from diffusers import AutoencoderKL
+
+    class_name = AutoencoderKL.load_config(name, subfolder="vae").get("_class_name", "AutoencoderKL")
+    if class_name not in VAE_CLASSES:
+        raise ModelFolderError(f"{name}/vae/config.json: _class_name {class_name!r} is not one of "
+                               f"{sorted(VAE_CLASSES)}")
+    return getattr(importlib.import_module(VAE_CLASSES[class_name]), class_name)
+
+
 def load_parts(name: str):
     """(:class:`StableDiffusion`, tokenizer, DDPM noise scheduler) from a diffusers folder or hub id.
+
+    The VAE's class comes from ``vae/config.json`` (:data:`VAE_CLASSES`), the text encoder's and tokenizer's from
+    their configs through transformers' Auto classes (CLIP for Stable Diffusion; any encoder whose first output is
+    the token states, e.g. the MiniLM of lorakit's own pretrained model).
 
     Raises:
         ModelFolderError: a local folder lacks one of :data:`COMPONENTS`, or loading fails (named).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoModel, AutoTokenizer
 
     folder = Path(name)
     if folder.is_dir():
@@ -119,9 +141,9 @@ def load_parts(name: str):
                                    f"{', '.join(missing)}")
     try:
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
+        vae = _vae_class(name).from_pretrained(name, subfolder="vae")
+        text_encoder = AutoModel.from_pretrained(name, subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler")
     except (OSError, ValueError) as e:  # from_pretrained's errors on missing / unreachable / malformed files
         raise ModelFolderError(f"{name}: cannot load the Stable Diffusion model (model.name): "
@@ -149,10 +171,12 @@ def build(cfg: TrainConfig) -> Task:
     scale = float(vae.config.scaling_factor)
 
     def encode(pixels: Tensor) -> Tensor:
-        """(1, 3, H, W) in [-1, 1] → (1, 4, H/8, W/8): the posterior mean, scaled (deterministic: the cache and
-        the global RNG stay the same whether a run encodes or reads the cache)."""
+        """(1, 3, H, W) in [-1, 1] → (1, C, H/8, W/8): the posterior mean (or a deterministic encoder's latents),
+        scaled (deterministic: the cache and the global RNG stay the same whether a run encodes or reads the
+        cache)."""
         with torch.no_grad():
-            return vae.encode(pixels.to(device_of(vae))).latent_dist.mean * scale
+            out = vae.encode(pixels.to(device_of(vae)))  # AutoencoderKL: a posterior; AutoencoderTiny-like: latents
+            return (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents) * scale
 
     records = scan_folder(cfg.data.path)
     buckets = (make_buckets(d.resolution, d.min_bucket_resolution, d.max_bucket_resolution, d.bucket_step)
