@@ -37,7 +37,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
 
-# The generative and latent-OT experiments (domain adaptation, prior matching, TAEF2 style): their tables join
+# The generative and latent-OT experiments (domain adaptation, prior matching, TAEF2 style, diffusion LoRA): their tables join
 # bench/results.md and their PNG grids go to bench/figures/.
 experiments: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --experiments

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 #: Scripts run by `make bench`, in order, with their arguments.
 SCRIPTS = [["perf.py"]]
 #: Scripts run by `make experiments` (``--experiments``): the generative / latent-OT studies, minutes each.
-EXPERIMENTS = [["domain_adaptation.py"], ["prior_matching.py"], ["taef2_style.py"]]
+EXPERIMENTS = [["domain_adaptation.py"], ["prior_matching.py"], ["taef2_style.py"], ["diffusion_demo.py"]]
 
 
 def assemble() -> str:
