@@ -37,8 +37,9 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
 
-# The generative and latent-OT experiments (domain adaptation, prior matching, TAEF2 style, diffusion LoRA): their tables join
-# bench/results.md and their PNG grids go to bench/figures/.
+# The generative and latent-OT experiments (domain adaptation, prior matching, TAEF2 style, diffusion LoRA): their
+# tables join bench/results.md and their PNG grids go to bench/figures/. The diffusion demonstration pretrains its
+# base model once (about half an hour on two cores, cached in runs/pretrained/).
 experiments: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --experiments
 
