@@ -107,16 +107,23 @@ def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> 
     return min(buckets, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
+def cover_crop(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where :func:`fit_to_bucket` puts an image of ``size`` (width, height): the size (width, height) it is resized
+    to (covering ``bucket``) and the offset (top, left) of the centre crop in that resized image."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return resized, ((resized[1] - height) // 2, (resized[0] - width) // 2)
+
+
 def fit_to_bucket(image, bucket: tuple[int, int]) -> Tensor:
     """A PIL image resized to cover ``bucket`` and centre-cropped to it: (3, height, width) in [-1, 1]."""
     from PIL import Image
 
     width, height = bucket
     image = image.convert("RGB")
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    resized, (top, left) = cover_crop(image.size, bucket)
+    image = image.resize(resized, Image.BICUBIC)
     image = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
     return pixels / 127.5 - 1.0
@@ -131,12 +138,16 @@ class Example:
         caption: the caption before the per-step options (shuffle, dropout).
         bucket: (width, height) in pixels.
         path: the source image.
+        original_size: (height, width) of the source image before resizing (SDXL's ``original_size``).
+        crop_top_left: (top, left) of the centre crop in the resized image (SDXL's ``crops_coords_top_left``).
     """
 
     latent: Tensor
     caption: str
     bucket: tuple[int, int]
     path: Path
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
 
 
 def vae_identity(vae: torch.nn.Module, name: str) -> str:
@@ -177,7 +188,8 @@ def load_examples(records: Sequence[ImageRecord], buckets: Sequence[tuple[int, i
     for rec in records:
         try:
             with Image.open(rec.path) as im:
-                bucket = assign_bucket(im.size, buckets)
+                size = im.size  # (width, height) from the header: no decoding needed for a cached latent
+                bucket = assign_bucket(size, buckets)
                 key = cache_key(rec.path, bucket, vae_id)
                 cached = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
                 if cached is not None and cached.is_file():
@@ -196,7 +208,10 @@ def load_examples(records: Sequence[ImageRecord], buckets: Sequence[tuple[int, i
                                 "data.skip_bad_images: true to skip it") from None
             bad.append(str(rec.path))
             continue
-        examples.append(Example(latent, rec.caption, bucket, rec.path))
+        # the geometry is a pure function of the header's size and the bucket, so a cached latent gets the very
+        # values its encoding used without storing them (and latents cached before SDXL stay valid)
+        examples.append(Example(latent, rec.caption, bucket, rec.path, (size[1], size[0]),
+                                cover_crop(size, bucket)[1]))
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s): {', '.join(bad)}", stacklevel=2)
     if not examples:
