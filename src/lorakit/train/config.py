@@ -282,9 +282,9 @@ class DiffusionConfig:
     min_snr_gamma: float | None = None
     """Min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual); null: off."""
     text_encoder_lr: float | None = None
-    """Peak learning rate of adapters under ``text_encoder.``; null: ``optim.lr``."""
+    """Peak learning rate of adapters under ``text_encoder.`` (and SDXL's ``text_encoder_2.``); null: ``optim.lr``."""
     gradient_checkpointing: bool = False
-    """Recompute the UNet's (and text encoder's) activations in the backward pass: less memory, more time."""
+    """Recompute the UNet's (and text encoders') activations in the backward pass: less memory, more time."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "min_bucket_resolution", "max_bucket_resolution", "bucket_step"):
