@@ -131,6 +131,21 @@ def tiny_sd_config(tiny_sd: Path, sd_images: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-layout diffusers folder (random weights, see :func:`sd_tiny.build_sdxl_pipeline`), once per
+    session."""
+    from sd_tiny import build_sdxl_pipeline
+
+    return build_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "sdxl")
+
+
+@pytest.fixture
+def tiny_sdxl_config(tiny_sdxl: Path, tiny_sd_config):
+    """``tiny_sdxl_config(out_dir, **sections)``: :func:`tiny_sd_config`'s run on the tiny SDXL pipeline."""
+    return lambda out_dir, **sections: tiny_sd_config(out_dir, **{"model": {"name": str(tiny_sdxl)}, **sections})
+
+
 def free_port() -> int:
     """A free TCP port on the loopback, for a one-process ``init_process_group``."""
     import socket
