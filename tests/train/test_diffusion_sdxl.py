@@ -97,7 +97,8 @@ def test_prediction_equals_diffusers_sdxl_pipeline(tiny_sdxl, tiny_sdxl_config, 
     assert (other - got).abs().max() > 1e-5
 
 
-def test_both_text_encoders_get_their_rate_and_checkpointing(tiny_sdxl_config, tmp_path: Path) -> None:
+def test_both_text_encoders_get_their_rate_and_checkpointing(tiny_sdxl_config, tmp_path: Path,
+                                                             same_adapter) -> None:
     cfg = tiny_sdxl_config(tmp_path / "run", lora=ALL_PARTS,
                            diffusion={"text_encoder_lr": 1e-4, "gradient_checkpointing": True})
     task, _ = prepare(cfg)
@@ -109,6 +110,11 @@ def test_both_text_encoders_get_their_rate_and_checkpointing(tiny_sdxl_config, t
     m = task.model
     assert m.unet.is_gradient_checkpointing
     assert m.text_encoder.is_activation_checkpointing and m.text_encoder_2.is_activation_checkpointing
+    # recomputation through both encoders' hidden states gives the same gradients, so the same adapter
+    plain = train(tiny_sdxl_config(tmp_path / "a", optim={"max_steps": 2}, lora=ALL_PARTS))
+    ckpt = train(tiny_sdxl_config(tmp_path / "b", optim={"max_steps": 2}, lora=ALL_PARTS,
+                                  diffusion={"gradient_checkpointing": True}))
+    same_adapter(plain.adapter_last, ckpt.adapter_last, rtol=1e-5)
 
 
 def test_lora_on_unet_and_both_text_encoders_resumes_exactly(tiny_sdxl_config, tmp_path: Path, interrupt_after,
