@@ -186,3 +186,54 @@ def test_the_sdxl_config_targets_an_sdxl_pipeline(tiny_sdxl: Path, sd_images: Pa
                      "text_encoder_2:v_proj", "text_encoder_2:out_proj"}
     assert task.param_lrs == {"text_encoder.": 1e-5, "text_encoder_2.": 1e-5}
     assert task.model.unet.is_gradient_checkpointing
+
+
+def test_kohya_file_loads_in_diffusers_sdxl_and_matches_attach(tiny_sdxl_config, tiny_sdxl: Path,
+                                                               tmp_path: Path) -> None:
+    import copy
+
+    from lorakit.formats import detect, kohya
+
+    cfg = tiny_sdxl_config(tmp_path / "run", optim={"max_steps": 3, "lr": 5e-2},
+                           lora={"targets": [r"re:unet\..*(to_q|to_k|to_v|to_out\.0|conv1)",
+                                             r"re:text_encoder(_2)?\..*self_attn\.(q_proj|k_proj|v_proj|out_proj)"]})
+    result = train(cfg)
+    adapter = lk.load(result.adapter_last)
+    path = tmp_path / "lora_kohya.safetensors"
+    detect.write(adapter, path, "kohya")
+    assert detect.detect(path) == "kohya"
+    assert {k.split("_", 2)[1] for k in kohya.to_tensors(adapter)[0]} == {"unet", "te1", "te2"}
+
+    pipe = _pipeline(tiny_sdxl)
+    g = torch.Generator().manual_seed(0)
+    sample, t = torch.randn(2, 4, 6, 10, generator=g), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 16, generator=g),
+                                  "time_ids": torch.tensor([[64.0, 96, 2, 0, 48, 80], [80, 128, 1, 0, 48, 80]])}}
+
+    def run(unet):
+        with torch.no_grad():
+            return unet(sample, t, **cond).sample
+
+    before = run(pipe.unet)
+    ours = copy.deepcopy(pipe.unet)
+    lk.attach(ours, lk.Adapter({p.removeprefix("unet."): m for p, m in adapter.modules.items()
+                                if p.startswith("unet.")}, base_model=adapter.base_model))
+    expected = run(ours)
+    assert (expected - before).abs().max() > 1e-3  # the trained adapter does change the output
+    pipe.load_lora_weights(str(path))
+    torch.testing.assert_close(run(pipe.unet), expected, atol=1e-5, rtol=0)
+    # the lora_te1_ / lora_te2_ parts land on diffusers' two text encoders: its prompt embeddings are the trained
+    # model's (attention projections on both encoders, as configs/sdxl-lora.yaml targets them)
+    prompts = ["ink, drawing 1, duotone", "a plain picture"]
+    ids = [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        trained = result.model.eval().encode_text(*ids)
+        plain = _pipeline(tiny_sdxl).encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False)
+    assert (plain[0] - embeds).abs().max() > 1e-3 and (plain[2] - pooled).abs().max() > 1e-3
+    torch.testing.assert_close(embeds, trained[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, trained[1], atol=1e-5, rtol=0)
