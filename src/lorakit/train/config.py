@@ -285,6 +285,19 @@ class DiffusionConfig:
     """Peak learning rate of adapters under ``text_encoder.`` (and SDXL's ``text_encoder_2.``); null: ``optim.lr``."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's (and text encoders') activations in the backward pass: less memory, more time."""
+    sample_prompts: str | None = None
+    """A prompt file in kohya sd-scripts' syntax (one prompt a line: ``text --n negative --s steps --l guidance
+    --d seed --w width --h height --ss sampler``; see :mod:`lorakit.train.sampling`): rendered into
+    ``<run.out_dir>/samples/`` every ``sample_every`` steps and at the end; null: no samples."""
+    sample_every: int = 0
+    """Render the sample prompts every this many optimiser steps (0: only at the end)."""
+    sample_steps: int = 20
+    """Denoising steps of a sample prompt without ``--s`` (and of ``lorakit generate``)."""
+    sample_guidance: float = 7.5
+    """Classifier-free guidance scale of a sample prompt without ``--l``."""
+    sample_sampler: str = "auto"
+    """Sampler of the samples: ``auto`` (the ``scheduler/`` config's class, or DDIM when that is DDPM), or one of
+    :data:`lorakit.train.sampling.SAMPLERS`."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "min_bucket_resolution", "max_bucket_resolution", "bucket_step"):
@@ -310,6 +323,21 @@ class DiffusionConfig:
         _check(self.text_encoder_lr is None or (isinstance(self.text_encoder_lr, (int, float))
                                                 and self.text_encoder_lr > 0),
                "diffusion.text_encoder_lr", "null or a number > 0", self.text_encoder_lr)
+        _check(self.sample_prompts is None or (isinstance(self.sample_prompts, str) and bool(self.sample_prompts)),
+               "diffusion.sample_prompts", "null or a file path", self.sample_prompts)
+        for name in ("sample_every", "sample_steps"):
+            v = getattr(self, name)
+            low = 0 if name == "sample_every" else 1
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"diffusion.{name}",
+                   f"an int >= {low}", v)
+        _check(isinstance(self.sample_guidance, (int, float)) and not isinstance(self.sample_guidance, bool)
+               and 0 <= self.sample_guidance < float("inf"), "diffusion.sample_guidance", "a number >= 0",
+               self.sample_guidance)
+        self.sample_guidance = float(self.sample_guidance)
+        from lorakit.train.sampling import SAMPLERS  # the registry lives with the sampler (no torch at import)
+
+        _check(self.sample_sampler == "auto" or self.sample_sampler in SAMPLERS, "diffusion.sample_sampler",
+               f"'auto' or one of {list(SAMPLERS)}", self.sample_sampler)
 
 
 TASKS = ("text-classification", "image-classification", "causal-lm", "fashion-mnist", "autoencoder", "diffusion")
