@@ -88,6 +88,8 @@ class TrainResult:
     """``lora.full_finetune``: the whole trained model's state dict (``model-last.safetensors``)."""
     model_best: Path | None = None
     """``lora.full_finetune``: the state dict at the best evaluation (``model-best.safetensors``)."""
+    samples: list[Path] = field(default_factory=list)
+    """Files the task's ``sample`` hook wrote under ``<run_dir>/samples/`` during this run (main process)."""
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -164,7 +166,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
 
     Writes, from the main process only, into ``cfg.run.out_dir``: ``config.yaml``, ``versions.json``,
     ``metrics.jsonl``, ``plot.png``, ``adapter-best.safetensors``, ``adapter-last.safetensors`` (for
-    ``lora.full_finetune``: ``model-best.safetensors``, ``model-last.safetensors``) and ``checkpoints/``.
+    ``lora.full_finetune``: ``model-best.safetensors``, ``model-last.safetensors``), ``checkpoints/`` and, when
+    the task samples (``Task.sample``), ``samples/``.
 
     A run killed before its first complete checkpoint leaves nothing to continue: ``resume`` then starts it again
     from step 0, and a fresh run may use its folder. Either way the kill's leftovers are removed first.
@@ -231,10 +234,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
                 metrics = task.evaluate(model, task.eval_set)
             _train_mode(model)
             history.append({"kind": "eval", "step": step, **metrics})
+            # at once, not only at the next checkpoint: a running job's eval curve (a diffusion run's validation
+            # loss) can be watched; a resume drops the lines past its checkpoint
+            report.write_metrics(run_dir / "metrics.jsonl", history)
             if reporter:
                 reporter.evaluated(step, metrics)
         dist.barrier()
         return metrics
+
+    samples: list[Path] = []
+
+    def sample(step: int) -> None:
+        """The task's samples at ``step`` (main process): eval mode, no gradients, the run's autocast, and every
+        global RNG stream this process draws from restored after, so a run with samples trains exactly as one
+        without."""
+        if task.sample is None:
+            return
+        if dist.main:
+            model.eval()
+            devices = [dist.device] if dist.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), _autocast(cfg.run.precision, dist.device):
+                samples.extend(task.sample(model, step, run_dir / "samples"))
+            _train_mode(model)
+        dist.barrier()
 
     def improved(metrics: dict[str, float]) -> bool:
         best = state["best"]
@@ -305,6 +327,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
             if metrics is not None and improved(metrics):
                 state["best"] = {"step": done, **metrics}
                 _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
+        if task.sample_every and done % task.sample_every == 0 and done != total:
+            sample(done)
         if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done != total:
             checkpoint(done)
 
@@ -319,12 +343,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
             best_path = last_path.with_name(last_path.name.replace("-last", "-best"))
         report.plot(history, task.metric, run_dir / "plot.png")
     checkpoint(total)
+    sample(total)  # last: a failing sampler never costs the saved run
     if reporter and dist.main:
         reporter.end()
     files = (None, None, last_path, best_path) if cfg.lora.full_finetune else (last_path, best_path, None, None)
     return TrainResult(run_dir, total, state["base_metrics"], final, state["best"] or {}, task.metric, n_train,
                        n_total, files[0], files[1], run_dir / "plot.png", time.perf_counter() - t0, history,
-                       model if dist.main else None, files[2], files[3])
+                       model if dist.main else None, files[2], files[3], samples)
 
 
 #: Offset between the seeds of the source and the target orders, so the two streams are not shuffled alike.

@@ -53,8 +53,9 @@ def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def plot(records: list[dict[str, Any]], metric: str, path: Path) -> None:
-    """Training loss and eval ``metric`` against the optimiser step, as a PNG."""
+def figure(records: list[dict[str, Any]], metric: str):
+    """The training plot as a matplotlib ``Figure``: training loss (left) and every eval's ``metric`` (right; for
+    the diffusion task the validation ``eval_loss``) against the optimiser step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,4 +72,10 @@ def plot(records: list[dict[str, Any]], metric: str, path: Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(records: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """:func:`figure` as a PNG, written atomically."""
+    fig = figure(records, metric)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

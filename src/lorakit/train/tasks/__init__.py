@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,6 +40,11 @@ class Task:
             aspect-ratio bucket), and there are at least as many indices as examples.
         param_lrs: optional module-path prefix → peak learning rate of the trainable parameters under it (e.g. a
             text encoder's own rate); the others keep ``optim.lr``.
+        sample: optional ``sample(model, step, folder)`` → the files it wrote into ``folder`` (e.g. images of the
+            model's outputs at optimiser step ``step``); the loop calls it on the main process every
+            ``sample_every`` steps and at the end, in eval mode without gradients, and restores the global RNG state
+            after it, so sampling never changes the training.
+        sample_every: optimiser steps between two ``sample`` calls (0: only at the end).
     """
 
     model: nn.Module
@@ -57,6 +63,8 @@ class Task:
     forward: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
     order: Callable[[int, int, int], list[int]] | None = None
     param_lrs: dict[str, float] | None = None
+    sample: Callable[[nn.Module, int, Path], list[Path]] | None = None
+    sample_every: int = 0
 
 
 def build_task(cfg) -> Task:

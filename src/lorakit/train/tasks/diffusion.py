@@ -36,6 +36,7 @@ from lorakit.train.device import device_of, to_device
 from lorakit.train.diffusion_data import (Example, bucket_order, load_examples, make_buckets, process_caption,
                                           scan_folder, vae_identity)
 from lorakit.train.diffusion_loss import denoising_loss, min_snr_weights, offset_noise, snr
+from lorakit.train.sampling import task_sampler
 from lorakit.train.tasks import Task
 
 #: Subfolders a Stable Diffusion folder must have.
@@ -285,6 +286,7 @@ def build(cfg: TrainConfig) -> Task:
         raise ConfigError(f"config field 'data.dataset': task diffusion reads 'image-folder', got "
                           f"{cfg.data.dataset!r}")
     model, tok, scheduler = load_parts(cfg.model.name)
+    sample = task_sampler(cfg, tok)  # reads diffusion.sample_prompts now: a bad file stops before any encoding
     prediction = scheduler.config.prediction_type
     if prediction not in PREDICTION_TYPES:
         raise ConfigError(f"{cfg.model.name}/scheduler: prediction_type {prediction!r} is not one of "
@@ -377,4 +379,4 @@ def build(cfg: TrainConfig) -> Task:
 
     param_lrs = {f"{te}.": float(d.text_encoder_lr) for te in model.TEXT_ENCODERS} if d.text_encoder_lr else None
     return Task(model, train_set, eval_set, collate, loss, evaluate, "eval_loss", False, cfg.model.name,
-                order=order, param_lrs=param_lrs)
+                order=order, param_lrs=param_lrs, sample=sample, sample_every=d.sample_every)
