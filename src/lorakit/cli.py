@@ -193,6 +193,8 @@ def train(config: Path | None = typer.Argument(None, help="training config (.yam
     if result.model_last is not None:
         out.print(f"model:   {result.model_best} (best), {result.model_last} (last)", soft_wrap=True)
     out.print(f"plot:    {result.plot}   metrics: {result.run_dir / 'metrics.jsonl'}", soft_wrap=True)
+    if result.samples:
+        out.print(f"samples: {result.run_dir / 'samples'} ({len(result.samples)} files)", soft_wrap=True)
 
 
 @app.command("eval")
@@ -217,6 +219,31 @@ def predict(text: list[str] = typer.Argument(..., help="one or more sentences"),
     names = {0: "negative", 1: "positive"}
     for sentence, label in zip(text, run_predict(run_dir, list(text), which)):
         out.print(f"{label} ({names.get(label, label)})  {sentence}")
+
+
+@app.command()
+def generate(run_dir: Path = typer.Argument(..., help="a finished diffusion training run"),
+             prompt: str = typer.Argument(..., help="the prompt"),
+             out_file: Path = typer.Option(..., "--out", help="PNG file to write"),
+             negative: str = typer.Option("", "--negative", help="negative prompt"),
+             steps: int | None = typer.Option(None, help="denoising steps (default: the run's sample_steps)"),
+             guidance: float | None = typer.Option(None, help="guidance scale (default: the run's sample_guidance)"),
+             seed: int = typer.Option(0, help="seed of the initial noise"),
+             width: int | None = typer.Option(None, help="pixels, a multiple of 8 (default: the run's resolution)"),
+             height: int | None = typer.Option(None, help="pixels, a multiple of 8 (default: the run's resolution)"),
+             strength: float = typer.Option(1.0, help="adapter strength (0: the base model)"),
+             blocks: str | None = typer.Option(None, help="block weights: an LBW string or preset (OUTALL, ...)"),
+             which: str = typer.Option("best", "--adapter", help="which adapter: best or last"),
+             sampler: str | None = typer.Option(None, help="sampler: auto, ddim, euler, euler_a, ... (default: "
+                                                           "the run's sample_sampler)")) -> None:
+    """Render one image with a diffusion run's adapter, at a strength and per-block weights."""
+    from lorakit.train.sampling import generate as render_image
+
+    _quiet_transformers()
+    path = render_image(run_dir, prompt, out_file, negative=negative, steps=steps, guidance=guidance, seed=seed,
+                        width=width, height=height, strength=strength, blocks=blocks, which=which, sampler=sampler)
+    out.print(f"{run_dir} ({which} adapter, strength {strength:g}{', blocks ' + blocks if blocks else ''}) -> "
+              f"{path}", soft_wrap=True)
 
 
 @app.command()
