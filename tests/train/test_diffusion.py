@@ -107,8 +107,8 @@ def test_text_encoder_gets_its_own_learning_rate_and_conv_its_own_rank(tiny_sd_c
     assert all(m.rank == 4 for p, m in adapter.modules.items() if not p.endswith("conv1"))
     tensors, _ = kohya.to_tensors(adapter)
     assert {k.split("_", 2)[1] for k in tensors} == {"unet", "te"}
-    # transformers 5's CLIPTextModel has no ``text_model`` level; diffusers 0.42 loads these names onto it
-    assert "lora_te_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+    # kohya's spelling, under CLIP's ``text_model`` level, though transformers 5's CLIPTextModel has none
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
 
 
 def test_resume_ends_equal_to_an_uninterrupted_run(tiny_sd_config, tmp_path: Path, interrupt_after,

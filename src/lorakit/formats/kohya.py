@@ -8,6 +8,13 @@ Tensor keys, one group per module (``NAME`` = prefix + path with ``.`` → ``_``
     NAME.dora_scale         DoRA magnitude, (out, 1) / (out, 1, 1, 1) (output-axis layout)
 
 Prefixes: ``lora_unet_``, ``lora_te_`` (``lora_te1_`` when a second text encoder is present) and ``lora_te2_``.
+Text-encoder names are spelled under CLIP's ``text_model`` level, as kohya, A1111, ComfyUI and diffusers' converter
+expect (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``): kohya's names come from transformers 4's
+``CLIPTextModel``, while transformers 5's has no ``text_model`` level (``encoder.layers.0…``) and
+``CLIPTextModelWithProjection`` (SDXL's second encoder) still has one. The writer adds the level to a text-encoder path
+that lacks it (paths under ``embeddings``, ``encoder``, ``final_layer_norm``); the reader gives each name the path
+the model really has: from lorakit's hints, or from ``known_paths`` with or without the level; with neither, the
+name as written (``text_encoder.text_model.encoder…``).
 UNet names come in two spellings: diffusers paths (SD1.x files) and SGM/LDM paths (``input_blocks_4_1_…``, SDXL
 files); both are read, and :func:`to_tensors` writes either (``sgm=True``). String metadata (``ss_*``,
 ``modelspec.*``) is kept as the adapter's metadata and written back.
@@ -27,7 +34,7 @@ from torch import Tensor
 
 from lorakit.adapter import Adapter, ModuleLora
 from lorakit.errors import FileFormatError, LorakitError
-from lorakit.formats import names
+from lorakit.formats import kohya_metadata, names
 from lorakit.formats.common import (EXTRAS_KEY, alpha_tensor, alpha_value, factor_problems, in_order,
                                     kind_from_shape, pack_extras, report_loss, shape_kind_hints, unpack_extras)
 from lorakit.formats.safetensors_io import read_safetensors, write_safetensors
@@ -41,6 +48,10 @@ _PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1
 _SGM_HEADS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
 #: Components a lorakit path may start with; a bare path needs ``root``.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: The children of CLIP's ``text_model`` level (``CLIPTextTransformer``); text-encoder paths starting with one of
+#: them get the level in their kohya name.
+CLIP_ROOTS = ("embeddings", "encoder", "final_layer_norm")
+TEXT_MODEL = "text_model."
 #: Down blocks with attention in each SGM UNet layout (decides where an up block's upsampler sits).
 SGM_LAYOUTS = {"sd15": (0, 1, 2), "sdxl": (1, 2)}
 
@@ -50,6 +61,13 @@ def _split_component(path: str, root: str | None) -> tuple[str, str] | None:
         return root, path
     head, _, rest = path.partition(".")
     return (head, rest) if head in COMPONENTS and rest else None
+
+
+def kohya_path(component: str, sub: str) -> str:
+    """The path kohya names module ``sub`` of ``component`` by: text-encoder paths under ``text_model.``."""
+    if component != "unet" and sub.split(".", 1)[0] in CLIP_ROOTS:
+        return TEXT_MODEL + sub
+    return sub
 
 
 def to_tensors(adapter: Adapter, *, root: str | None = None, sgm: str | None = None, lossy: bool = False
@@ -98,7 +116,7 @@ def to_tensors(adapter: Adapter, *, root: str | None = None, sgm: str | None = N
             except LorakitError as e:
                 bad.append(str(e))
                 continue
-        name = prefix + names.underscore(sub)
+        name = prefix + names.underscore(kohya_path(comp, sub))
         if name in paths:
             bad.append(f"{path!r} and {paths[name]!r} have the same kohya name {name!r}")
             continue
@@ -126,14 +144,16 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
     """kohya (tensors, metadata) → validated :class:`Adapter`.
 
     Paths come back with their component (``unet.down_blocks…``, ``text_encoder.text_model…``), unless ``root``
-    (or the file's lorakit hints) names one component: then only its modules are read, with bare paths.
+    (or the file's lorakit hints) names one component: then only its modules are read, with bare paths. kohya's
+    training metadata (``ss_*``) is checked (:func:`lorakit.formats.kohya_metadata.parse`) and kept as strings.
 
     Args:
         known_paths: module paths of the target model (same form as the returned paths), used to undo kohya's
             ``.`` → ``_``; without them lorakit's hints, then :func:`lorakit.formats.names.guess_path` are used.
 
     Raises:
-        FileFormatError: naming every unknown key, missing factor, bad shape or unresolvable name.
+        FileFormatError: naming every unknown key, missing factor, bad shape, unresolvable name or ``ss_*`` value
+            of the wrong type.
     """
     extras = unpack_extras(metadata, source)
     hinted_paths: dict[str, str] = extras.get("paths") or {}
@@ -192,6 +212,7 @@ def from_tensors(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sou
         mod = ModuleLora(A=a, B=b, alpha=alpha, kind=kind_from_shape(a, kinds.get(path)), magnitude=mag)
         problems.extend(f"{name} ({msg})" for msg in mod.problems(path))
         mods[path] = mod
+    problems.extend(kohya_metadata.problems(metadata, source))
     if problems:
         raise FileFormatError(source, "; ".join(problems))
     user = {k: v for k, v in metadata.items() if k != EXTRAS_KEY}
@@ -209,6 +230,8 @@ def _resolve(name: str, comp: str, rest: str, root: str | None, hinted: Mapping[
     head = "" if root is not None else comp + "."
     if table is not None:
         path = table.get(names.underscore(head) + rest)
+        if path is None and comp != "unet" and rest.startswith(names.underscore(TEXT_MODEL)):
+            path = table.get(names.underscore(head) + rest.removeprefix(names.underscore(TEXT_MODEL)))
         if path is None and comp == "unet" and rest.startswith(_SGM_HEADS):
             path = table.get(names.underscore(head + _sgm(rest)))
         if path is None:
