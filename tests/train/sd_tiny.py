@@ -131,3 +131,19 @@ def build_images(folder: Path) -> Path:
     write_image(plain / "p0.png", 64, 64, seed=9)
     (plain / "p0.txt").write_text("a plain picture", encoding="utf-8")
     return folder
+
+
+def shipped_config_task(name: str, model: Path, images: Path, out_dir: Path):
+    """A shipped config (``configs/<name>``) prepared on a tiny pipeline at 64 px: (the config as shipped, the
+    prepared task, the set of ``component:leaf`` names of its adapted modules)."""
+    import lorakit as lk
+    from lorakit.train.config import load_config
+    from lorakit.train.loop import prepare
+
+    config = Path(__file__).parents[2] / "configs" / name
+    cfg = load_config(config, [f"model.name={model}", f"data.path={images}", f"run.out_dir={out_dir}",
+                               "diffusion.resolution=64", "diffusion.min_bucket_resolution=32",
+                               "diffusion.bucket_step=16"])
+    task, _ = prepare(cfg)
+    kinds = {p.split(".")[0] + ":" + p.rsplit(".", 1)[-1] for p in lk.extract(task.model).modules}
+    return load_config(config), task, kinds

@@ -204,16 +204,10 @@ def test_bf16_and_gradient_checkpointing_train(tiny_sd_config, tmp_path: Path, s
 
 
 def test_the_sd15_config_targets_an_sd_pipeline(tiny_sd: Path, sd_images: Path, tmp_path: Path) -> None:
-    from lorakit.train.config import load_config
+    from sd_tiny import shipped_config_task
 
-    config = Path(__file__).parents[2] / "configs" / "sd15-lora.yaml"
-    assert load_config(config).model.name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    cfg = load_config(config, [f"model.name={tiny_sd}", f"data.path={sd_images}", f"run.out_dir={tmp_path / 'r'}",
-                               "diffusion.resolution=64", "diffusion.min_bucket_resolution=32",
-                               "diffusion.bucket_step=16"])
-    task, _ = prepare(cfg)
-    paths = list(lk.extract(task.model).modules)
-    kinds = {p.split(".")[0] + ":" + p.rsplit(".", 1)[-1] for p in paths}
+    loaded, task, kinds = shipped_config_task("sd15-lora.yaml", tiny_sd, sd_images, tmp_path / "r")
+    assert loaded.model.name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert kinds == {"unet:to_q", "unet:to_k", "unet:to_v", "unet:0", "unet:proj_in", "unet:proj_out", "unet:proj",
                      "unet:2", "text_encoder:q_proj", "text_encoder:k_proj", "text_encoder:v_proj",
                      "text_encoder:out_proj"}

@@ -169,17 +169,10 @@ def test_an_sdxl_folder_without_its_second_encoder_is_refused(tiny_sdxl: Path, t
 
 
 def test_the_sdxl_config_targets_an_sdxl_pipeline(tiny_sdxl: Path, sd_images: Path, tmp_path: Path) -> None:
-    from lorakit.train.config import load_config
+    from sd_tiny import shipped_config_task
 
-    config = Path(__file__).parents[2] / "configs" / "sdxl-lora.yaml"
-    loaded = load_config(config)
+    loaded, task, kinds = shipped_config_task("sdxl-lora.yaml", tiny_sdxl, sd_images, tmp_path / "r")
     assert loaded.model.name == "stabilityai/stable-diffusion-xl-base-1.0" and loaded.diffusion.resolution == 1024
-    cfg = load_config(config, [f"model.name={tiny_sdxl}", f"data.path={sd_images}", f"run.out_dir={tmp_path / 'r'}",
-                               "diffusion.resolution=64", "diffusion.min_bucket_resolution=32",
-                               "diffusion.bucket_step=16"])
-    task, _ = prepare(cfg)
-    paths = list(lk.extract(task.model).modules)
-    kinds = {p.split(".")[0] + ":" + p.rsplit(".", 1)[-1] for p in paths}
     assert kinds == {"unet:to_q", "unet:to_k", "unet:to_v", "unet:0", "unet:proj_in", "unet:proj_out", "unet:proj",
                      "unet:2", "text_encoder:q_proj", "text_encoder:k_proj", "text_encoder:v_proj",
                      "text_encoder:out_proj", "text_encoder_2:q_proj", "text_encoder_2:k_proj",
