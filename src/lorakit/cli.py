@@ -93,6 +93,7 @@ def root(debug: bool = typer.Option(False, "--debug", help="print the traceback 
 
 def describe(path: Path) -> dict:
     """A JSON-ready summary of an adapter file: header fields and per-module rank, alpha, params, bytes, ‖ΔW‖."""
+    from lorakit.formats import kohya_metadata
     from lorakit.formats.detect import detect, read_any, tensor_file
 
     dialect = detect(path)
@@ -106,7 +107,8 @@ def describe(path: Path) -> dict:
             "base_model": adapter.base_model, "targets": list(adapter.targets), "modules": modules,
             "num_modules": len(adapter), "total_rank": adapter.total_rank, "params": adapter.num_params,
             "bytes": adapter.nbytes, "dtype": str(adapter.dtype).removeprefix("torch."),
-            "overrides": {k: list(t.shape) for k, t in adapter.overrides.items()}, "metadata": dict(adapter.metadata)}
+            "overrides": {k: list(t.shape) for k, t in adapter.overrides.items()}, "metadata": dict(adapter.metadata),
+            "training": kohya_metadata.summary(adapter.metadata, path)}
 
 
 @app.command()
@@ -137,6 +139,9 @@ def inspect(file: Path = typer.Argument(..., help="adapter file (.safetensors, a
               f"{info['bytes']:,} bytes, dtype {info['dtype']}")
     if info["overrides"]:
         out.print(f"full tensors: {', '.join(info['overrides'])}")
+    if info["training"]:  # kohya's ss_* training facts
+        out.print("training: " + ", ".join(f"{k} {json.dumps(v, ensure_ascii=False)}"
+                                          for k, v in info["training"].items()))
 
 
 def _quiet_transformers() -> None:

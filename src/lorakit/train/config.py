@@ -298,6 +298,8 @@ class DiffusionConfig:
     sample_sampler: str = "auto"
     """Sampler of the samples: ``auto`` (the ``scheduler/`` config's class, or DDIM when that is DDPM), or one of
     :data:`lorakit.train.sampling.SAMPLERS`."""
+    training_comment: str | None = None
+    """Free text stored as ``ss_training_comment`` in the kohya export (trigger words, licence, credits)."""
 
     def __post_init__(self) -> None:
         for name in ("resolution", "min_bucket_resolution", "max_bucket_resolution", "bucket_step"):
@@ -334,6 +336,8 @@ class DiffusionConfig:
                and 0 <= self.sample_guidance < float("inf"), "diffusion.sample_guidance", "a number >= 0",
                self.sample_guidance)
         self.sample_guidance = float(self.sample_guidance)
+        _check(self.training_comment is None or isinstance(self.training_comment, str),
+               "diffusion.training_comment", "null or a string", self.training_comment)
         from lorakit.train.sampling import SAMPLERS  # the registry lives with the sampler (no torch at import)
 
         _check(self.sample_sampler == "auto" or self.sample_sampler in SAMPLERS, "diffusion.sample_sampler",

@@ -158,6 +158,8 @@ def _adapter_save(task: Task, cfg: TrainConfig, path: Path, meta: dict[str, Any]
     else:  # head-only: the file holds just the trained modules, as overrides
         adapter = Adapter({}, trained_tensors(task.model), base_model=task.base_model, metadata=metadata)
     save(adapter, path)
+    if task.export is not None and cfg.lora.targets:  # a dialect's copy holds factors, not trained modules
+        task.export(adapter, path, meta)
     return path
 
 

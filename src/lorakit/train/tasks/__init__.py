@@ -45,6 +45,8 @@ class Task:
             ``sample_every`` steps and at the end, in eval mode without gradients, and restores the global RNG state
             after it, so sampling never changes the training.
         sample_every: optimiser steps between two ``sample`` calls (0: only at the end).
+        export: optional ``export(adapter, native_path, meta)`` → a further file the loop writes beside each saved
+            adapter (``meta`` holds its ``step`` and metrics), e.g. the kohya file of a diffusion run.
     """
 
     model: nn.Module
@@ -65,6 +67,7 @@ class Task:
     param_lrs: dict[str, float] | None = None
     sample: Callable[[nn.Module, int, Path], list[Path]] | None = None
     sample_every: int = 0
+    export: Callable[[Any, Path, dict[str, Any]], Path] | None = None
 
 
 def build_task(cfg) -> Task:

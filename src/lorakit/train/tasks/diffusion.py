@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
+from lorakit.formats import kohya_metadata
+from lorakit.train import kohya_export
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.data import subset
 from lorakit.train.device import device_of, to_device
@@ -379,4 +381,16 @@ def build(cfg: TrainConfig) -> Task:
 
     param_lrs = {f"{te}.": float(d.text_encoder_lr) for te in model.TEXT_ENCODERS} if d.text_encoder_lr else None
     return Task(model, train_set, eval_set, collate, loss, evaluate, "eval_loss", False, cfg.model.name,
-                order=order, param_lrs=param_lrs, sample=sample, sample_every=d.sample_every)
+                order=order, param_lrs=param_lrs, sample=sample, sample_every=d.sample_every,
+                export=_kohya_exporter(cfg, model, images, repeats))
+
+
+def _kohya_exporter(cfg: TrainConfig, model: StableDiffusion, images: Sequence[Example], repeats: dict[Path, int]):
+    """``Task.export``: the kohya file with kohya's training metadata beside each saved adapter."""
+    facts = kohya_export.dataset_facts(cfg.data.path, [(e.path, e.caption, repeats[e.path]) for e in images])
+    sdxl = isinstance(model, StableDiffusionXL)
+    base = "sdxl" if sdxl else "sd2" if model.unet.config.cross_attention_dim == 1024 else "sd15"
+    folder = Path(cfg.model.name)
+    weights = (kohya_metadata.model_weight_files(folder, ("unet", *model.TEXT_ENCODERS, "vae"))
+               if folder.is_dir() else None)  # a hub id: no local bytes to hash
+    return kohya_export.exporter(cfg, facts, base, weights)
