@@ -248,6 +248,37 @@ def test_reads_racing_peft_writes_are_never_mixed(tmp_path):
     assert set(tally) <= {"x", "y"} and sum(tally.values()) > 50, dict(tally)
 
 
+def test_a_directory_moved_aside_between_the_check_and_the_open_is_read_again(tmp_path, monkeypatch):
+    """The window the PEFT race test hit about once in 800 reads (a "no adapter_config.json" error instead of X or
+    Y), made certain: the writer moves the old directory aside after the reader saw it and before the reader's
+    open, and swaps the new one in while the reader waits."""
+    from lorakit.formats import atomic
+
+    x, y = make_adapter(1.0, 3), make_adapter(2.0, 3)
+    path, fresh = tmp_path / "peft", tmp_path / "fresh"
+    peft.save(x, path)
+    peft.save(y, fresh)
+    aside = atomic._sibling(path, atomic.OLD_PREFIX)  # named as this (running) writer's
+    real_open, real_sleep, moved = os.open, time.sleep, []
+
+    def open_mid_swap(p, flags, *args, **kwargs):
+        if Path(p) == path and not moved:
+            moved.append(True)
+            os.rename(path, aside)
+            raise FileNotFoundError(p)
+        return real_open(p, flags, *args, **kwargs)
+
+    def sleep_while_the_writer_finishes(seconds):
+        if moved and not path.exists():
+            os.rename(fresh, path)
+            shutil.rmtree(aside)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(os, "open", open_mid_swap)
+    monkeypatch.setattr(time, "sleep", sleep_while_the_writer_finishes)
+    assert adapters_equal(peft.load(path), y) and moved
+
+
 def test_reads_racing_split_writes_are_never_mixed(tmp_path):
     x, y = make_adapter(1.0, 3), make_adapter(2.0, 3)
     sx, sy = split(x, "component"), split(y, "component")

@@ -266,8 +266,14 @@ def read_directory(path: str | os.PathLike, read: Callable[[], T]) -> T:
                 continue
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            # a writer moved the directory aside between the check above and the open: look again
+            if os.path.lexists(path) or _siblings(path, alive=True):
+                time.sleep(0.001 * (attempt + 1))
+                continue
+            return read()  # missing: ``read`` names the problem
         except OSError:
-            return read()  # missing, or not a directory: ``read`` names the problem
+            return read()  # not a directory, or not readable: ``read`` names the problem
         try:
             try:
                 result = read()
