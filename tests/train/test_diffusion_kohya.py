@@ -84,6 +84,7 @@ def test_training_metadata(run, tiny_sd: Path) -> None:
     assert (typed["ss_learning_rate"], typed["ss_unet_lr"], typed["ss_text_encoder_lr"]) == (5e-2, 5e-2, 1e-3)
     assert typed["ss_noise_offset"] == 0.05 and typed["ss_min_snr_gamma"] is None
     assert typed["ss_seed"] == 0 and typed["ss_batch_size_per_device"] == 2
+    assert typed["ss_mixed_precision"] == "no"  # accelerate's word for fp32, as kohya's scripts write it
     assert typed["ss_training_comment"] == "trigger: ink"
     assert typed["ss_dataset_dirs"] == {"2_ink": {"n_repeats": 2, "img_count": 4},
                                         "1_plain": {"n_repeats": 1, "img_count": 1}}

@@ -189,9 +189,15 @@ def _temp_file(name: str) -> bool:
 _POINTER_SCHEMA = checked.Obj(required={"step": checked.Int(lo=0),
                                         "folder": checked.Str(pattern=r"step-[0-9]+(-[0-9]+)?")})
 #: ``state.json``: the step, the optimiser's JSON half and the loop's own state (checked where it is used).
-_STATE_SCHEMA = checked.Obj(required={"step": checked.Int(lo=0),
-                                      "optimizer": checked.Obj(required={"param_groups": checked.List(),
-                                                                         "scalars": checked.Map()})})
+_STATE_SCHEMA = checked.Obj(
+    required={"step": checked.Int(lo=0),
+              "optimizer": checked.Obj(required={"param_groups": checked.List(), "scalars": checked.Map()})},
+    # an fp16 run's gradient scaler (torch.amp.GradScaler.state_dict)
+    optional={"scaler": checked.Obj(required={"scale": checked.Num(positive=True),
+                                              "growth_factor": checked.Num(positive=True),
+                                              "backoff_factor": checked.Num(positive=True),
+                                              "growth_interval": checked.Int(lo=1),
+                                              "_growth_tracker": checked.Int(lo=0)})})
 
 
 def _pointed(pointer: Path) -> Path:

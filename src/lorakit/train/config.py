@@ -212,6 +212,10 @@ def _is_number(v: object) -> bool:
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+#: ``run.precision`` values: float32, or autocast to bfloat16 / float16 (with loss scaling).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class RunConfig:
     """Where results go, how often to evaluate and checkpoint, seed, precision and device."""
@@ -227,7 +231,8 @@ class RunConfig:
     log_every: int = 10
     """Write a metrics line every this many optimiser steps."""
     precision: str = "fp32"
-    """``fp32`` or ``bf16`` (autocast of the forward pass on the run's device, CPU included)."""
+    """``fp32``, ``bf16`` or ``fp16``: autocast of the forward pass on the run's device, CPU included; ``fp16`` also
+    scales the loss (a gradient scaler, whose state the checkpoints keep), as fp16's range needs."""
     eval_before: bool = True
     """Evaluate the model before training (the base figure)."""
     threads: int | None = None
@@ -244,7 +249,7 @@ class RunConfig:
             _check(isinstance(v, int) and v >= 0, f"run.{name}", "an int >= 0", v)
         _check(isinstance(self.log_every, int) and self.log_every >= 1, "run.log_every", "an int >= 1",
                self.log_every)
-        _check(self.precision in ("fp32", "bf16"), "run.precision", "'fp32' or 'bf16'", self.precision)
+        _check(self.precision in PRECISIONS, "run.precision", "'fp32', 'bf16' or 'fp16'", self.precision)
         _check(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1), "run.threads",
                "null or an int >= 1", self.threads)
         _check(isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None, "run.device",

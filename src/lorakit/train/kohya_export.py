@@ -140,7 +140,7 @@ def training_metadata(cfg, adapter: Adapter, facts: DatasetFacts, *, base: str, 
         "ss_lr_warmup_steps": str(o.warmup_steps),
         "ss_max_grad_norm": str(o.max_grad_norm),
         "ss_seed": str(cfg.run.seed),
-        "ss_mixed_precision": cfg.run.precision,
+        "ss_mixed_precision": "no" if cfg.run.precision == "fp32" else cfg.run.precision,  # accelerate's spelling
         "ss_noise_offset": str(d.noise_offset) if d.noise_offset else "None",
         "ss_min_snr_gamma": str(d.min_snr_gamma) if d.min_snr_gamma else "None",
         "ss_cache_latents": str(d.cache_latents),

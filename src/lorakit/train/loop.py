@@ -2,7 +2,8 @@
 bf16 autocast, periodic eval, best/last adapters, atomic checkpoints, exact resume and DDP, on the CPU or a GPU.
 
 The model and every batch live on the run's device (``run.device``; by default ``cuda:{LOCAL_RANK}`` when CUDA is
-available); ``precision: bf16`` autocasts on that device's type, so it runs bf16 on the CPU too.
+available); ``precision: bf16`` (or ``fp16``, with a gradient scaler) autocasts on that device's type, so it runs
+in half precision on the CPU too.
 
 Data order is a pure function of ``(seed, epoch)`` and the position a pure function of the optimiser step, so a
 resumed run sees exactly the batches an uninterrupted one would. Under DDP every global micro-batch is cut into
@@ -202,6 +203,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     model = task.model.to(dist.device)  # in place: task.model is this same module
     groups = param_groups(model, o.lr, o.lora_plus_ratio, task.param_lrs)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    # fp16's narrow range: the loss is scaled up for backward and the gradients down before the step (a no-op
+    # pass-through for fp32 and bf16)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.run.precision == "fp16")
     per_step = o.batch_size * o.grad_accum
     steps_per_epoch = len(task.train_set) // per_step
     if steps_per_epoch == 0:
@@ -219,6 +223,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         state = load_checkpoint(ckpt, model, optimizer, full=cfg.lora.full_finetune, rank=dist.rank,
                                 device=dist.device)
         start = state["step"]
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = [r for r in history if r["step"] <= start]
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,8 +274,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     def checkpoint(step: int) -> None:
         rngs = dist.gather(rng_state(dist.device))  # every rank's own dropout stream
         if dist.main:
+            loop_state = {"best": state["best"], "base_metrics": state["base_metrics"]}
+            if scaler.is_enabled():
+                loop_state["scaler"] = scaler.state_dict()
             save_checkpoint(run_dir, step, trained_state(model, cfg.lora.full_finetune), optimizer, rngs,
-                            {"best": state["best"], "base_metrics": state["base_metrics"]})
+                            loop_state)
             report.write_metrics(run_dir / "metrics.jsonl", history)
         dist.barrier()
 
@@ -279,7 +288,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     if reporter and dist.main:
         reporter.start(total, start)
     local = o.batch_size // dist.world
-    seen, window_loss, window_ot, window_t = 0, 0.0, 0.0, time.perf_counter()
+    seen, window_loss, window_ot, window_skipped, window_t = 0, 0.0, 0.0, 0, time.perf_counter()
     for step in range(start, total):
         epoch, offset = divmod(step, steps_per_epoch)
         idx = (task.order(cfg.run.seed, epoch, o.batch_size) if task.order is not None
@@ -291,7 +300,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         starts = [(offset * o.grad_accum + micro) * o.batch_size + dist.rank * local for micro in range(o.grad_accum)]
         shards = [[task.train_set[i] for i in idx[first:first + local]] for first in starts]
         target_shards = target.shards(step, dist.rank) if target is not None else None
-        loss_local, ot_local = _forward_backward(task, net, shards, cfg.run.precision, dist,
+        loss_local, ot_local = _forward_backward(task, net, shards, cfg.run.precision, dist, scaler,
                                                  _OTStep(cfg.ot, model, target_shards, step, cfg.run.seed,
                                                         dist.rank, dist.world, dist.device)
                                                  if cfg.ot is not None else None)
@@ -303,8 +312,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
                                         "run.precision=fp32.")
         grad_norm = None
         if o.max_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = float(nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.max_grad_norm))
-        optimizer.step()
+        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then backs off)
+        scaler.update()
+        window_skipped += scaler.is_enabled() and scaler.get_scale() < scale
         optimizer.zero_grad(set_to_none=True)
         seen += per_step
         window_loss += loss_value
@@ -320,8 +333,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
                 record["ot_loss"] = window_ot / steps_in_window
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if scaler.is_enabled():  # fp16: optimiser steps of the window skipped for an overflowed gradient
+                record["skipped_steps"] = window_skipped
             history.append(record)
-            seen, window_loss, window_ot, window_t = 0, 0.0, 0.0, now
+            seen, window_loss, window_ot, window_skipped, window_t = 0, 0.0, 0.0, 0, now
             if reporter and dist.main:
                 reporter.step(done, record)
         if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != total:
@@ -445,7 +460,7 @@ def _task_and_ot_loss(task: Task, net: nn.Module, batch: dict[str, Any], ot: _OT
 
 
 def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], precision: str, dist: Dist,
-                      ot: _OTStep | None = None) -> tuple[float, float]:
+                      scaler: torch.amp.GradScaler, ot: _OTStep | None = None) -> tuple[float, float]:
     """Accumulate the gradients of the micro-batches ``shards`` (DDP syncs on the last only); return the step's
     mean total loss and mean OT term on this process."""
     loss_sum = ot_sum = 0.0
@@ -459,7 +474,7 @@ def _forward_backward(task: Task, net: nn.Module, shards: list[list[Any]], preci
                 task_loss, term = _task_and_ot_loss(task, net, batch, ot, n)
                 loss = (task_loss + term) / len(shards)
                 ot_sum += float(term.detach()) / len(shards)
-        loss.backward()
+        scaler.scale(loss).backward()
         loss_sum += float(loss.detach())
     return loss_sum, ot_sum
 
@@ -474,8 +489,12 @@ def _train_mode(model: nn.Module) -> None:
 
 
 def _autocast(precision: str, device: torch.device):
-    """bf16 autocast on the run's own device type: an autocast for another device type than the one computing
-    is silently a no-op (the run would be fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 / fp16 autocast on the run's own device type: an autocast for another device type than the one
+    computing is silently a no-op (the run would be fp32)."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
+
+
+#: ``run.precision`` → the dtype its autocast computes in.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -48,8 +49,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite the whole metrics file atomically."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    """Rewrite the whole metrics file atomically. A non-finite number (the gradient norm of an fp16 step that
+    overflowed) is written as ``null``: JSON has no NaN or infinity, and the reader refuses them."""
+    text = "".join(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                               for k, v in r.items()}) + "\n" for r in records)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
