@@ -28,7 +28,7 @@ def run(tiny_sd_config_module):
         optim={"max_steps": 3, "lr": 5e-2},
         lora={"targets": TARGETS, "rank": 4, "alpha": 2, "ranks": {"re:.*conv1": 2}, "alphas": {"re:.*conv1": 1}},
         diffusion={"training_comment": "trigger: ink", "text_encoder_lr": 1e-3, "noise_offset": 0.05},
-        run={"eval_every": 2})
+        run={"eval_every": 2, "save_every": 1, "keep_last": 2})
     return cfg, train(cfg)
 
 
@@ -65,6 +65,17 @@ def test_each_saved_adapter_has_its_kohya_file(run) -> None:
         assert list(theirs.modules) == list(ours.modules)  # read back to the model's own paths
         for p, m in ours.modules.items():
             assert torch.equal(theirs.modules[p].lowrank_delta(), m.lowrank_delta()), p
+
+
+def test_step_snapshots_have_their_kohya_files_and_only_the_last_two_stay(run, same_adapter) -> None:
+    _, result = run
+    names = sorted(p.name for p in result.run_dir.glob("adapter-step*"))
+    assert names == ["adapter-step0000002.kohya.safetensors", "adapter-step0000002.safetensors",
+                     "adapter-step0000003.kohya.safetensors", "adapter-step0000003.safetensors"]
+    for step in (2, 3):
+        native = result.run_dir / f"adapter-step{step:07d}.safetensors"
+        assert kohya_metadata.parse(read_safetensors(export_path(native))[1])["ss_steps"] == step
+    same_adapter(result.run_dir / "adapter-step0000003.safetensors", result.adapter_last, rtol=0, atol=0)
 
 
 def test_training_metadata(run, tiny_sd: Path) -> None:

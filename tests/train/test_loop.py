@@ -136,3 +136,23 @@ def test_head_only_baseline_trains_and_saves_just_the_head(tmp_path: Path) -> No
     assert len(adapter.modules) == 0 and sorted(adapter.overrides) == ["linear.bias", "linear.weight"]
     assert result.trainable_params == adapter.overrides["linear.weight"].numel() + adapter.overrides["linear.bias"].numel()
     assert evaluate_run(tmp_path / "head", "last") == pytest.approx(result.final_metrics, rel=1e-6)
+
+
+def test_snapshots_every_n_steps_keep_the_last_n(tiny_lm, tmp_path: Path) -> None:
+    cfg = tiny_lm(tmp_path / "run", max_steps=7)
+    cfg.run.save_every, cfg.run.keep_last = 2, 2
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "adapter-step-notes.txt").write_text("a user's file")  # not a snapshot: left alone
+    result = train(cfg)
+    names = sorted(p.name for p in (tmp_path / "run").glob("adapter-step*"))
+    assert names == ["adapter-step-notes.txt", "adapter-step0000004.safetensors", "adapter-step0000006.safetensors"]
+    six = lk.load(tmp_path / "run" / "adapter-step0000006.safetensors")
+    assert six.metadata["step"] == "6"
+    last = lk.load(result.adapter_last)
+    assert not all(torch.equal(m.B, last.modules[p].B) for p, m in six.modules.items())  # one step before the last
+    cfg = tiny_lm(tmp_path / "all", max_steps=4)
+    cfg.run.save_every = 1
+    train(cfg)
+    assert len(list((tmp_path / "all").glob("adapter-step*.safetensors"))) == 4  # keep_last 0: every one
+    assert loop.prune_snapshots(tmp_path / "all", 1) == [tmp_path / "all" / f"adapter-step000000{i}.safetensors"
+                                                       for i in (1, 2, 3)]

@@ -230,6 +230,11 @@ class RunConfig:
     """Checkpoint every this many optimiser steps (0: only at the end)."""
     log_every: int = 10
     """Write a metrics line every this many optimiser steps."""
+    save_every: int = 0
+    """Save the adapter every this many optimiser steps as ``adapter-step<NNNNNNN>.safetensors`` (with the task's
+    export beside it, e.g. a diffusion run's kohya file); 0: only the best and last adapters."""
+    keep_last: int = 0
+    """Keep only the newest this many ``adapter-step*`` snapshots (older ones are removed after each save); 0: all."""
     precision: str = "fp32"
     """``fp32``, ``bf16`` or ``fp16``: autocast of the forward pass on the run's device, CPU included; ``fp16`` also
     scales the loss (a gradient scaler, whose state the checkpoints keep), as fp16's range needs."""
@@ -244,7 +249,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.out_dir, str) and bool(self.out_dir), "run.out_dir", "a directory path", self.out_dir)
         _check(isinstance(self.seed, int), "run.seed", "an int", self.seed)
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "save_every", "keep_last"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, f"run.{name}", "an int >= 0", v)
         _check(isinstance(self.log_every, int) and self.log_every >= 1, "run.log_every", "an int >= 1",

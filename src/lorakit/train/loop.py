@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -164,13 +165,38 @@ def _adapter_save(task: Task, cfg: TrainConfig, path: Path, meta: dict[str, Any]
     return path
 
 
+#: ``run.save_every`` snapshots: ``adapter-step0000500.safetensors`` (a full fine-tune's ``model-step…``).
+SNAPSHOT = re.compile(r"^(adapter|model)-step(\d{7,})(\.kohya)?\.safetensors$")
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    """The native file of the ``run.save_every`` snapshot at optimiser step ``step``."""
+    return run_dir / f"adapter-step{step:07d}.safetensors"
+
+
+def prune_snapshots(run_dir: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest ``keep_last`` snapshots (every file of a step: native, full model, kohya export);
+    0 keeps all. Returns the files removed."""
+    by_step: dict[int, list[Path]] = {}
+    for p in run_dir.iterdir():
+        m = SNAPSHOT.match(p.name)
+        if m and p.is_file():
+            by_step.setdefault(int(m.group(2)), []).append(p)
+    old = sorted(by_step)[:-keep_last] if keep_last else []
+    removed = [p for step in old for p in by_step[step]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
     """Run (or with ``resume``, continue) the training that ``cfg`` describes.
 
     Writes, from the main process only, into ``cfg.run.out_dir``: ``config.yaml``, ``versions.json``,
     ``metrics.jsonl``, ``plot.png``, ``adapter-best.safetensors``, ``adapter-last.safetensors`` (for
-    ``lora.full_finetune``: ``model-best.safetensors``, ``model-last.safetensors``), ``checkpoints/`` and, when
-    the task samples (``Task.sample``), ``samples/``.
+    ``lora.full_finetune``: ``model-best.safetensors``, ``model-last.safetensors``), ``checkpoints/``, with
+    ``run.save_every`` the snapshots ``adapter-step<NNNNNNN>.safetensors`` (the newest ``run.keep_last`` kept) and,
+    when the task samples (``Task.sample``), ``samples/``.
 
     A run killed before its first complete checkpoint leaves nothing to continue: ``resume`` then starts it again
     from step 0, and a fresh run may use its folder. Either way the kill's leftovers are removed first.
@@ -344,6 +370,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
             if metrics is not None and improved(metrics):
                 state["best"] = {"step": done, **metrics}
                 _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and dist.main:
+            _adapter_save(task, cfg, snapshot_path(run_dir, done), {"step": done})
+            prune_snapshots(run_dir, cfg.run.keep_last)
         if task.sample_every and done % task.sample_every == 0 and done != total:
             sample(done)
         if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done != total:
