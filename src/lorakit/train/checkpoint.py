@@ -2,7 +2,8 @@
 pickle.
 
 Layout under ``<run>/checkpoints/``: one ``step-NNNNNNN/`` folder per checkpoint (``trained.safetensors``,
-``optimizer.safetensors``, ``rng.safetensors``, ``state.json``) and ``latest.json`` naming the newest one. A folder
+``optimizer.safetensors``, ``rng.safetensors``, ``state.json``, and ``ema.safetensors`` for a run with
+``optim.ema_decay``) and ``latest.json`` naming the newest one. A folder
 is written aside (``.tmp-step-…``), renamed into place only once complete, and only then does the pointer move, so
 a kill at any point leaves the previous checkpoint in force (or, inside the first one, no checkpoint at all) and
 never a pointer to an incomplete folder. Older folders are removed after the pointer moved on; what a kill leaves
@@ -31,8 +32,11 @@ from lorakit.formats import checked
 from lorakit.formats.safetensors_io import atomic_write, read_safetensors, write_safetensors
 from lorakit.inject import trained_tensors
 from lorakit.layers.base import LoraFactors
+from lorakit.train.ema import EMA
 
 POINTER = "latest.json"
+#: The moving average's file in a checkpoint folder.
+EMA_FILE = "ema.safetensors"
 #: Prefix of a checkpoint folder being written; such a folder is never read.
 TMP_PREFIX = ".tmp-step-"
 
@@ -110,9 +114,10 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, tensors: Mapping[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, rng: list[dict[str, torch.Tensor]],
-                    state: dict[str, Any]) -> Path:
+                    state: dict[str, Any], ema: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint: the trained ``tensors`` (see :func:`trained_state`), the optimiser, each rank's RNG
-    state (``rng[r]`` from :func:`rng_state` on rank ``r``) and ``state`` (JSON-ready).
+    state (``rng[r]`` from :func:`rng_state` on rank ``r``), ``state`` (JSON-ready) and the parameters' moving
+    average ``ema`` when the run keeps one (``ema.safetensors``).
 
     Returns:
         The checkpoint folder.
@@ -129,6 +134,8 @@ def save_checkpoint(run_dir: Path, step: int, tensors: Mapping[str, torch.Tensor
         write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
         write_safetensors({f"{kind}.rank{rank}": t for rank, states in enumerate(rng) for kind, t in states.items()},
                           tmp / "rng.safetensors", {"world": str(len(rng))})
+        if ema is not None:
+            write_safetensors(ema, tmp / EMA_FILE)
         write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, **state})
         folder = _free_folder(root, step)
         tmp.rename(folder)
@@ -220,8 +227,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, full: bool = False,
-                    rank: int = 0, device: torch.device | None = None) -> dict[str, Any]:
-    """Restore the trained tensors, the optimiser and rank ``rank``'s RNG from ``folder``; return its JSON state.
+                    rank: int = 0, device: torch.device | None = None, ema: EMA | None = None) -> dict[str, Any]:
+    """Restore the trained tensors, the optimiser, rank ``rank``'s RNG and (for a run that keeps one) the moving
+    average ``ema`` from ``folder``; return its JSON state.
 
     Args:
         folder: a complete checkpoint folder.
@@ -254,6 +262,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     torch.set_rng_state(rng[f"torch.rank{rank}"])
     if device is not None and device.type == "cuda" and f"cuda.rank{rank}" in rng:
         torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
+    if ema is not None:
+        ema_path = folder / EMA_FILE
+        if not ema_path.is_file():
+            raise FileFormatError(folder, f"no {EMA_FILE}: the run was started without optim.ema_decay")
+        bad = ema.load(read_safetensors(ema_path)[0])
+        if bad:
+            raise FileFormatError(ema_path, f"does not fit the trained parameters: unknown, missing or mis-shaped "
+                                            f"{bad[:8]}{' …' if len(bad) > 8 else ''}")
     opt_tensors, _ = read_safetensors(folder / "optimizer.safetensors")
     optimizer.load_state_dict(_optimizer_join(opt_tensors, state.pop("optimizer")))
     return state

@@ -180,6 +180,10 @@ class OptimConfig:
     """Stop after this many optimiser steps."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm; null turns clipping off."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the trained parameters with this decay (e.g. 0.999; diffusers'
+    warm-up ``min(decay, (1 + k) / (10 + k))``): evaluations, samples and saved adapters use the average
+    (:mod:`lorakit.train.ema`); null: none."""
 
     def __post_init__(self) -> None:
         self.lr = float(self.lr) if isinstance(self.lr, (int, float, str)) and _is_number(self.lr) else self.lr
@@ -198,6 +202,9 @@ class OptimConfig:
                "optim.max_steps", "null or an int >= 1", self.max_steps)
         _check(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0),
                "optim.max_grad_norm", "null or a number > 0", self.max_grad_norm)
+        _check(self.ema_decay is None or (isinstance(self.ema_decay, (int, float)) and not isinstance(
+            self.ema_decay, bool) and 0 < self.ema_decay < 1), "optim.ema_decay", "null or a number in (0, 1)",
+               self.ema_decay)
 
 
 def _is_number(v: object) -> bool:

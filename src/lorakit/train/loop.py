@@ -1,5 +1,6 @@
 """The one training loop shared by every task: AdamW (optionally LoRA+), warm-up schedule, gradient accumulation,
-bf16 autocast, periodic eval, best/last adapters, atomic checkpoints, exact resume and DDP, on the CPU or a GPU.
+bf16/fp16 autocast, an optional moving average of the weights (``optim.ema_decay``), periodic eval, best/last
+adapters and step snapshots, atomic checkpoints, exact resume and DDP, on the CPU or a GPU.
 
 The model and every batch live on the run's device (``run.device``; by default ``cuda:{LOCAL_RANK}`` when CUDA is
 available); ``precision: bf16`` (or ``fp16``, with a gradient scaler) autocasts on that device's type, so it runs
@@ -46,6 +47,7 @@ from lorakit.train.checkpoint import (latest_checkpoint, load_checkpoint, remove
 from lorakit.train.config import ConfigError, TrainConfig
 from lorakit.train.device import to_device
 from lorakit.train.distributed import Dist, setup
+from lorakit.train.ema import EMA
 from lorakit.train.tasks import Task, build_task
 
 
@@ -232,6 +234,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     # fp16's narrow range: the loss is scaled up for backward and the gradients down before the step (a no-op
     # pass-through for fp32 and bf16)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.run.precision == "fp16")
+    ema = (EMA([(n, p) for n, p in model.named_parameters() if p.requires_grad], o.ema_decay)
+           if o.ema_decay else None)
+
+    def averaged():
+        """Evaluations, samples and saved adapters see the moving average when the run keeps one."""
+        return ema.swapped() if ema is not None else contextlib.nullcontext()
     per_step = o.batch_size * o.grad_accum
     steps_per_epoch = len(task.train_set) // per_step
     if steps_per_epoch == 0:
@@ -247,7 +255,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     start = 0
     if resume:
         state = load_checkpoint(ckpt, model, optimizer, full=cfg.lora.full_finetune, rank=dist.rank,
-                                device=dist.device)
+                                device=dist.device, ema=ema)
         start = state["step"]
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -264,7 +272,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         metrics = None
         if dist.main:
             model.eval()
-            with torch.no_grad(), _autocast(cfg.run.precision, dist.device):
+            with torch.no_grad(), _autocast(cfg.run.precision, dist.device), averaged():
                 metrics = task.evaluate(model, task.eval_set)
             _train_mode(model)
             history.append({"kind": "eval", "step": step, **metrics})
@@ -287,7 +295,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         if dist.main:
             model.eval()
             devices = [dist.device] if dist.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), _autocast(cfg.run.precision, dist.device):
+            with (torch.random.fork_rng(devices=devices), torch.no_grad(), _autocast(cfg.run.precision, dist.device),
+                  averaged()):
                 samples.extend(task.sample(model, step, run_dir / "samples"))
             _train_mode(model)
         dist.barrier()
@@ -304,7 +313,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
             if scaler.is_enabled():
                 loop_state["scaler"] = scaler.state_dict()
             save_checkpoint(run_dir, step, trained_state(model, cfg.lora.full_finetune), optimizer, rngs,
-                            loop_state)
+                            loop_state, ema.state() if ema is not None else None)
             report.write_metrics(run_dir / "metrics.jsonl", history)
         dist.barrier()
 
@@ -344,6 +353,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
         scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then backs off)
         scaler.update()
         window_skipped += scaler.is_enabled() and scaler.get_scale() < scale
+        if ema is not None:
+            ema.update(step)
         optimizer.zero_grad(set_to_none=True)
         seen += per_step
         window_loss += loss_value
@@ -369,9 +380,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
             metrics = evaluate(done)
             if metrics is not None and improved(metrics):
                 state["best"] = {"step": done, **metrics}
-                _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
+                with averaged():
+                    _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
         if cfg.run.save_every and done % cfg.run.save_every == 0 and dist.main:
-            _adapter_save(task, cfg, snapshot_path(run_dir, done), {"step": done})
+            with averaged():
+                _adapter_save(task, cfg, snapshot_path(run_dir, done), {"step": done})
             prune_snapshots(run_dir, cfg.run.keep_last)
         if task.sample_every and done % task.sample_every == 0 and done != total:
             sample(done)
@@ -381,15 +394,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, reporter: Reporter | None =
     final = evaluate(total) or {}
     last_path = best_path = None
     if dist.main:
-        last_path = _adapter_save(task, cfg, run_dir / "adapter-last.safetensors", {"step": total, **final})
+        with averaged():
+            last_path = _adapter_save(task, cfg, run_dir / "adapter-last.safetensors", {"step": total, **final})
         if improved(final):
             state["best"] = {"step": total, **final}
-            best_path = _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
+            with averaged():
+                best_path = _adapter_save(task, cfg, run_dir / "adapter-best.safetensors", state["best"])
         else:
             best_path = last_path.with_name(last_path.name.replace("-last", "-best"))
         report.plot(history, task.metric, run_dir / "plot.png")
     checkpoint(total)
     sample(total)  # last: a failing sampler never costs the saved run
+    if ema is not None:
+        ema.copy_to()  # the returned model is what adapter-last holds
     if reporter and dist.main:
         reporter.end()
     files = (None, None, last_path, best_path) if cfg.lora.full_finetune else (last_path, best_path, None, None)
