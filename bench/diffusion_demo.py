@@ -259,8 +259,8 @@ def render(results: dict[str, Any]) -> str:
              f"{meta['samples']} samples per figure, DDIM {STEPS} steps, guidance {GUIDANCE}. Base: "
              f"`{meta['model']}` (UNet {meta['unet_params'] / 1e6:.1f} M parameters, pretrained by lorakit on "
              "Fashion-MNIST classes 0–7 at 64×64 in TAEF2's FLUX.2 latent space, MiniLM-L6 text encoder; "
-             f"pretraining {meta['pretrain']}). LoRA: rank 8 on attention/feed-forward, LoCon rank 4 on the ResNet "
-             "convs, 400 steps of batch 16 from 100 images, through `lorakit train configs/diffusion-<study>.yaml`. "
+             f"pretraining {meta['pretrain']}). LoRA: {meta['lora']}, through "
+             "`lorakit train configs/diffusion-<study>.yaml`. "
              "Mean ± standard deviation over the seeds; Fréchet distance and accuracy in the pretrained Fashion "
              "CNN's 128-d features (lower Fréchet is closer to the real held-out images).", ""]
     for study, title in (("concept", "Concept: \"a photo of an ankle boot\" (class 9, never in pretraining)"),
@@ -326,8 +326,9 @@ def main() -> int:
         "command": "python bench/diffusion_demo.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
         "machine": platform.machine(), "seeds": args.seeds, "samples": n, "model": folder.name,
         "unet_params": unet_params,
-        "pretrain": (f"{RUNS_PRETRAIN_NOTE} {pretrain_s / 60:.0f} min, eval loss "
-                     + " → ".join(f"{e['eval_loss']:.3f}" for e in evals[:1] + evals[-1:]))},
+        "pretrain": (f"{pretrain_note()}; {pretrain_s / 60:.0f} min, eval loss "
+                     + " → ".join(f"{e['eval_loss']:.3f}" for e in evals[:1] + evals[-1:])),
+        "lora": lora_note()},
         "real": {k: v for k, v in real.items() if k not in ("features", "base_labels")}, "studies": {}}
     for study in args.studies:
         grids: dict[str, torch.Tensor] = {}
@@ -351,8 +352,23 @@ def main() -> int:
     return 0
 
 
-#: How the pretraining is described in the table's header (its time is in the run folder's metrics).
-RUNS_PRETRAIN_NOTE = "2,500 steps of batch 64 on 8,000 images through `lorakit.train`;"
+def pretrain_note() -> str:
+    """The pretraining recipe in words, from :data:`lorakit.models.fashion_ldm.RECIPE`."""
+    from lorakit.models.fashion_ldm import BASE_CLASSES, RECIPE as r
+
+    return (f"{r['steps']:,} steps of batch {r['batch_size']} on {r['images_per_class'] * len(BASE_CLASSES):,} "
+            f"images through `lorakit.train`, lr {r['lr']:g}, min-SNR γ {r['min_snr_gamma']:g}, EMA "
+            f"{r['ema_decay']:g}")
+
+
+def lora_note() -> str:
+    """The LoRA runs' recipe in words, from ``configs/diffusion-concept.yaml`` (the style config has the same)."""
+    from lorakit.train.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "diffusion-concept.yaml", [])
+    conv = next(iter(cfg.lora.ranks.values()), cfg.lora.rank)
+    return (f"rank {cfg.lora.rank} on attention/feed-forward, LoCon rank {conv} on the ResNet convs, "
+            f"{cfg.optim.max_steps} steps of batch {cfg.optim.batch_size} at lr {cfg.optim.lr:g} from 100 images")
 
 if __name__ == "__main__":
     raise SystemExit(main())

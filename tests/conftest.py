@@ -77,3 +77,12 @@ def minilm(minilm_source):
     batch = tok(["a gripping, beautifully acted film", "a dull and lifeless mess", "i loved it"],
                 padding=True, return_tensors="pt")
     return model, batch
+
+
+@pytest.fixture
+def exact_float32():
+    """TF32 matmuls and convolutions round to 10 mantissa bits; CUDA tests comparing float32 results turn it off."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

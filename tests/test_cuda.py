@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_float32")]  # float32 means float32
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
@@ -24,15 +24,6 @@ from tests.conftest import TinyNet, randomize_b  # noqa: E402
 from tests.train.conftest import _Interrupt, _StopAt, assert_same_adapter, free_port, spy_ddp  # noqa: E402
 
 CUDA = torch.device("cuda", 0)
-
-
-@pytest.fixture(autouse=True)
-def exact_float32():
-    """TF32 matmuls and convolutions round to 10 mantissa bits; the comparisons below are of float32 results."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _inputs(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

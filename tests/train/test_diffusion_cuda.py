@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_float32")]  # float32 means float32
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 pytest.importorskip("diffusers")
@@ -24,14 +24,6 @@ from lorakit.train import loop, train  # noqa: E402
 
 CUDA = torch.device("cuda", 0)
 LORA = {"targets": [r"re:unet\..*(to_q|to_k|to_v|to_out\.0|conv1)", r"re:text_encoder\..*q_proj"]}
-
-
-@pytest.fixture(autouse=True)
-def exact_float32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])

@@ -43,10 +43,14 @@ SIZE = 64
 MAX_TOKENS = 16
 #: 1 / the standard deviation of TAEF2 latents of 64×64 Fashion-MNIST images (0.80 measured on 256 of them).
 LATENT_SCALE = 1.25
-#: Bump when the architecture or recipe changes: the cached folder's name carries it.
-VERSION = 1
-#: The pretraining recipe (names the cached folder's training run).
-RECIPE = {"seed": 0, "steps": 2500, "batch_size": 64, "lr": 3e-4, "images_per_class": 1000, "caption_dropout": 0.1}
+#: Bump when the architecture or recipe changes: the cached folder's name carries it. Version 1 (lr 3e-4, no
+#: min-SNR, no EMA) sampled mostly shapeless, colour-cast images (CNN accuracy 22 % on its own classes); at 1,200
+#: steps version 2's recipe already reached 34 %.
+VERSION = 2
+#: The pretraining recipe (names the cached folder's training run): min-SNR-γ weighting (Hang et al. 2023, faster
+#: convergence) and an EMA of the UNet's weights, which is what the folder holds.
+RECIPE = {"seed": 0, "steps": 2500, "batch_size": 64, "lr": 1e-3, "images_per_class": 1000, "caption_dropout": 0.1,
+          "min_snr_gamma": 5.0, "ema_decay": 0.999}
 
 UNET_CONFIG = dict(sample_size=SIZE // 8, in_channels=32, out_channels=32, block_out_channels=(64, 128, 128),
                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
@@ -155,9 +159,10 @@ def pretrain_config(run_dir: str | Path, scratch: str | Path, data: str | Path) 
         "data": {"dataset": "image-folder", "path": str(data), "eval_rows": 256},
         "lora": {"targets": [], "train": ["unet"]},
         "diffusion": {"resolution": SIZE, "bucketing": False, "caption_dropout": r["caption_dropout"],
-                      "min_bucket_resolution": SIZE, "max_bucket_resolution": SIZE},
+                      "min_bucket_resolution": SIZE, "max_bucket_resolution": SIZE,
+                      "min_snr_gamma": r["min_snr_gamma"]},
         "optim": {"lr": r["lr"], "batch_size": r["batch_size"], "max_steps": r["steps"], "warmup_steps": 100,
-                  "schedule": "cosine", "weight_decay": 0.0},
+                  "schedule": "cosine", "weight_decay": 0.0, "ema_decay": r["ema_decay"]},
         "run": {"out_dir": str(run_dir), "seed": r["seed"], "eval_before": False, "eval_every": 500,
                 "checkpoint_every": 250, "log_every": 50, "device": "cpu"},
     }

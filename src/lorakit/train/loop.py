@@ -87,7 +87,8 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None
-    """The trained model (base + adapter layers, or fully trained for ``lora.full_finetune``), on the run's device."""
+    """The trained model (base + adapter layers, or fully trained for ``lora.full_finetune``), on the run's device;
+    with ``optim.ema_decay``, holding the average (what ``adapter_last`` holds)."""
     model_last: Path | None = None
     """``lora.full_finetune``: the whole trained model's state dict (``model-last.safetensors``)."""
     model_best: Path | None = None
