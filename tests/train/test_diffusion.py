@@ -42,6 +42,10 @@ def test_min_snr_weights_follow_the_formula() -> None:
     assert float(denoising_loss(pred, target, min_snr_weights(s, 5.0, "epsilon"))) == pytest.approx(
         (3.5 + 31.5 + 91.5 * 0.25) / 3)
     assert float(denoising_loss(pred, target)) == pytest.approx((3.5 + 31.5 + 91.5) / 3)
+    # a zero-terminal-SNR step: ε weight 1 (the limit, not 0/0 = NaN), v weight 0
+    zero = torch.tensor([0.0, 2.0])
+    torch.testing.assert_close(min_snr_weights(zero, 5.0, "epsilon"), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(min_snr_weights(zero, 5.0, "v_prediction"), torch.tensor([0.0, 2 / 3]))
 
 
 def test_noise_offset_follows_the_formula() -> None:

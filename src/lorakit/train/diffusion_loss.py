@@ -34,13 +34,19 @@ def min_snr_weights(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor
     v-prediction ``min(SNR, γ) / (SNR + 1)``, since the v-loss already carries a factor ``SNR + 1`` (kohya's
     ``apply_snr_weight``).
 
+    Under a zero-terminal-SNR schedule (diffusers' ``rescale_betas_zero_snr``) the last step has SNR 0: its
+    ε weight is the limit 1 (not 0/0), and its v weight is 0, so min-SNR leaves that step untrained with
+    v-prediction; such schedules are usually trained without it.
+
     Args:
         snr_t: (N,) the SNR of each example's timestep.
         gamma: γ (5 in the paper).
         prediction_type: ``epsilon`` or ``v_prediction``.
     """
     clipped = torch.clamp(snr_t, max=gamma)
-    return clipped / (snr_t + 1.0) if prediction_type == "v_prediction" else clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1.0)
+    return torch.where(snr_t > 0, clipped / snr_t.clamp(min=torch.finfo(snr_t.dtype).tiny), torch.ones_like(snr_t))
 
 
 def denoising_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
